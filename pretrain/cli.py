@@ -1,0 +1,148 @@
+"""`pretrain` command line: shards | train | export | eval.
+
+Errors a user can fix are printed as one line (`error: ...`) with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_shards(a):
+    from pretrain.data import write_shards
+    from pretrain.data.sources import open_source
+
+    classes, samples = open_source(a.src, a.size, a.format)
+    index = write_shards(samples, classes, a.out_dir, a.shard_size, a.val_fraction, a.seed)
+    for split in ("train", "val"):
+        if split in index:
+            print(f"{split}: {index[split]['samples']} samples in {len(index[split]['shards'])} shards -> {a.out_dir}/{split}")
+
+
+def cmd_train(a):
+    from pretrain.config import load_config
+    from pretrain.engine import train
+
+    metrics = train(load_config(a.config, a.overrides))
+    if metrics:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+def cmd_export(a):
+    from pretrain.export import export
+
+    out = export(a.run_dir, a.out, a.which)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _features(a, spec, key):
+    import torch
+
+    from pretrain.data import eval_loader
+    from pretrain.evaluation import extract_features
+
+    loader = eval_loader(spec, a.batch_size, a.image_size, a.workers, key=key, max_samples=a.max_samples)
+    if a.raw_pixels:
+        return extract_features(lambda x: x.flatten(1), loader, torch.device("cpu"), a.mean, a.std)
+    return extract_features(a.model_fn, loader, torch.device("cpu"), a.mean, a.std)
+
+
+def cmd_eval(a):
+    import torch
+
+    from pretrain.evaluation import knn_accuracy, linear_probe
+
+    torch.set_flush_denormal(True)
+    if sum(map(bool, (a.backbone, a.model, a.raw_pixels))) != 1:
+        raise ValueError("pass exactly one of --backbone PATH, --model NAME (random init) or --raw-pixels")
+    meta = {"input_size": [3, a.image_size or 32, a.image_size or 32],
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    if a.backbone:
+        from pretrain.export import load_backbone
+
+        model, meta = load_backbone(a.backbone)
+    elif a.model:
+        from pretrain.models import create_backbone
+
+        torch.manual_seed(a.seed)
+        model = create_backbone(a.model, json.loads(a.model_kwargs))
+    if not a.raw_pixels:
+        model.eval()
+        a.model_fn = torch.no_grad()(model)
+    a.image_size = a.image_size or meta["input_size"][-1]
+    a.mean, a.std = meta["mean"], meta["std"]
+    tf, ty = _features(a, a.train, "--train")
+    vf, vy = _features(a, a.val, "--val")
+    if a.kind == "knn":
+        acc = knn_accuracy(tf, ty, vf, vy, a.k, a.temperature)
+    else:
+        acc = linear_probe(tf, ty, vf, vy, epochs=a.epochs, weight_decay=a.weight_decay)
+    what = a.backbone or (f"random-init {a.model}" if a.model else "raw pixels")
+    print(json.dumps({"eval": a.kind, "backbone": what, "top1": round(acc, 4), "train": len(ty), "val": len(vy)}))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("shards", help="write WebDataset shards from an image folder or a built-in dataset")
+    s.add_argument("src", help="image folder with class subfolders, or a built-in source: digits")
+    s.add_argument("out_dir")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--size", type=int, default=32, help="side of built-in sources' images")
+    s.add_argument("--format", choices=["keep", "jpg", "png"], default="keep")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_shards)
+
+    t = sub.add_parser("train", help="pretrain (also under torchrun / srun)")
+    t.add_argument("config", help="experiment YAML, e.g. configs/simclr_resnet18.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("export", help="write the trained backbone as safetensors + JSON")
+    e.add_argument("run_dir", help="run dir (newest checkpoint) or a checkpoint")
+    e.add_argument("--out", required=True)
+    e.add_argument("--which", default="default", help="which backbone, for methods with several")
+    e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("eval", help="kNN or linear probe on frozen features")
+    v.add_argument("kind", choices=["knn", "linear"])
+    v.add_argument("--backbone", help="exported .safetensors")
+    v.add_argument("--model", help="timm name: evaluate a random-init backbone instead")
+    v.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"zero_init_last": false}\'')
+    v.add_argument("--raw-pixels", action="store_true", help="evaluate raw normalised pixels instead")
+    v.add_argument("--train", required=True, help="shard spec of the labelled train split")
+    v.add_argument("--val", required=True, help="shard spec of the labelled val split")
+    v.add_argument("--image-size", type=int, default=None, help="default: the backbone's input size")
+    v.add_argument("--batch-size", type=int, default=256)
+    v.add_argument("--workers", type=int, default=0)
+    v.add_argument("--max-samples", type=int, default=None)
+    v.add_argument("--k", type=int, default=20)
+    v.add_argument("--temperature", type=float, default=0.07)
+    v.add_argument("--epochs", type=int, default=200, help="linear: L-BFGS iterations")
+    v.add_argument("--weight-decay", type=float, default=1e-4)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from pretrain.config import ConfigError
+    from pretrain.data import DataError
+    from pretrain.engine.checkpoint import CheckpointError
+    from pretrain.models import ModelError
+
+    try:
+        args.fn(args)
+    except (ConfigError, DataError, ModelError, CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Data: shard writing, streaming reading, augmentation. No launch code here."""
+from pretrain.data.augment import SimCLRAugment, center_resize, normalize
+from pretrain.data.pipeline import (DataError, EvalBatches, ResampledBatches, Source, TrainLoader, decode, eval_loader,
+                                    expand_sources, read_samples, split_shards)
+from pretrain.data.shards import ShardWriter, write_shards
+
+
+def build_train_loader(cfg, num_views: int, local_batch: int, batches_per_epoch: int, rank: int, device):
+    """The training loader a run config describes (data.* keys), for this rank."""
+    import torch
+
+    sources = expand_sources(cfg.data.train, "data.train")
+    aug = SimCLRAugment(cfg.data.image_size, cfg.data.mean, cfg.data.std, **cfg.data.augment)
+    where = cfg.data.augment_on
+    if where not in ("auto", "worker", "device"):
+        raise DataError(f"data.augment_on must be auto, worker or device, got {where!r}")
+    in_worker = where == "worker" or (where == "auto" and torch.device(device).type != "cuda")
+    ds = ResampledBatches(sources, local_batch, batches_per_epoch, aug, num_views, in_worker, cfg.seed, rank,
+                          cfg.data.shuffle_buffer)
+    return TrainLoader(ds, cfg.data.num_workers, torch.device(device))
+
+
+def count_samples(spec, key="data.train"):
+    """Total samples from index.json files, or None when unknown."""
+    counts = [s.samples for s in expand_sources(spec, key)]
+    return sum(counts) if all(c is not None for c in counts) else None

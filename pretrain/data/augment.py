@@ -1,0 +1,151 @@
+"""SimCLR augmentation, split into a cheap per-image geometric stage and a batched photometric stage.
+
+* geometric (per image, uint8, in the loader workers): random resized crop + horizontal flip.
+  Cropping from the decoded original keeps torchvision's RandomResizedCrop semantics for images of
+  any size, and yields fixed-size uint8 crops that are cheap to batch and to ship to a GPU.
+* photometric (per batch, float): colour jitter, grayscale, Gaussian blur, normalisation, applied
+  to the whole [N, 3, S, S] batch with per-sample random parameters, in the worker (CPU training)
+  or on the GPU. Differences from torchvision, on purpose: the jitter ops run in a fixed order
+  (brightness, contrast, saturation, hue) and hue is a rotation of the chroma plane in YIQ space,
+  which is what lets the whole batch go through one batched matrix multiply.
+
+All randomness comes from an explicit torch.Generator, so a batch is a function of its seed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+_GRAY = (0.299, 0.587, 0.114)
+# RGB <-> YIQ; hue rotation is a rotation of (I, Q)
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
+def _uniform(g, n, lo, hi, device="cpu"):
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+
+def crop_params(h: int, w: int, scale, ratio, g: torch.Generator):
+    """torchvision's RandomResizedCrop sampling, driven by `g`: returns (top, left, height, width)."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        r = torch.rand(3, generator=g).tolist()
+        target = area * (scale[0] + r[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_r[0] + r[1] * (log_r[1] - log_r[0]))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            return top, left, ch, cw
+    # fallback: central crop at the clamped aspect ratio
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """[N] sigmas -> [N, k] normalised 1-D Gaussian kernels."""
+    x = torch.arange(k, device=sigma.device, dtype=torch.float32) - (k - 1) / 2
+    ker = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    return ker / ker.sum(1, keepdim=True)
+
+
+class SimCLRAugment:
+    """Both stages of the SimCLR view generator; see the module docstring."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], crop_scale=(0.2, 1.0),
+                 crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4,
+                 saturation=0.4, hue=0.1, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0),
+                 blur_kernel_frac=0.1):
+        self.size = int(image_size)
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.crop_scale, self.crop_ratio, self.flip_p = tuple(crop_scale), tuple(crop_ratio), flip_p
+        self.jitter_p, self.grayscale_p, self.blur_p = jitter_p, grayscale_p, blur_p
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.blur_sigma = tuple(blur_sigma)
+        k = max(3, int(blur_kernel_frac * self.size))
+        self.blur_k = k if k % 2 else k + 1
+
+    # ---- stage 1: per image, uint8 -------------------------------------------------------------
+    def geometric(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """[3, h, w] uint8 -> [3, S, S] uint8 random resized crop, maybe flipped."""
+        top, left, ch, cw = crop_params(img.shape[-2], img.shape[-1], self.crop_scale, self.crop_ratio, g)
+        out = TF.resized_crop(img, top, left, ch, cw, [self.size, self.size], antialias=True)
+        if float(torch.rand(1, generator=g)) < self.flip_p:
+            out = out.flip(-1)
+        return out
+
+    # ---- stage 2: per batch, float ---------------------------------------------------------------
+    def photometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """[N, 3, S, S] uint8 (any device) -> [N, 3, S, S] float32, jittered, blurred, normalised.
+
+        `g` must live on x's device.
+        """
+        dev, N = x.device, x.shape[0]
+        x = x.float().div_(255)
+        gray_w = torch.tensor(_GRAY, device=dev).view(1, 3, 1, 1)
+
+        def gray(t):                                                     # [N,3,H,W] -> [N,1,H,W]
+            return (t * gray_w).sum(1, keepdim=True)
+
+        on = (torch.rand(N, generator=g, device=dev) < self.jitter_p).float()          # [N]
+        def factor(strength):                                            # identity where jitter is off
+            f = _uniform(g, N, max(0.0, 1 - strength), 1 + strength, dev)
+            return (1 + on * (f - 1)).view(N, 1, 1, 1)
+        x = (x * factor(self.brightness)).clamp_(0, 1)
+        m = gray(x).mean((2, 3), keepdim=True)                           # [N,1,1,1]
+        x = ((x - m) * factor(self.contrast) + m).clamp_(0, 1)
+        gx = gray(x)
+        x = ((x - gx) * factor(self.saturation) + gx).clamp_(0, 1)
+        if self.hue > 0:
+            theta = _uniform(g, N, -self.hue, self.hue, dev) * on * 2 * math.pi   # [N]
+            c, s = theta.cos(), theta.sin()
+            rot = torch.zeros(N, 3, 3, device=dev)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+            M = _YIQ2RGB.to(dev) @ rot @ _RGB2YIQ.to(dev)                 # [N,3,3]
+            x = torch.einsum("nij,njhw->nihw", M, x).clamp_(0, 1)
+        to_gray = (torch.rand(N, generator=g, device=dev) < self.grayscale_p).view(N, 1, 1, 1)
+        x = torch.where(to_gray, gray(x).expand_as(x), x)
+        if self.blur_p > 0:
+            x = self._blur(x, g)
+        return (x - self.mean.to(dev)) / self.std.to(dev)
+
+    def _blur(self, x, g):
+        N, C, H, W = x.shape
+        dev, k = x.device, self.blur_k
+        sigma = _uniform(g, N, *self.blur_sigma, dev)
+        ker = gaussian_kernels(sigma, k)                                  # [N, k]
+        off = torch.rand(N, generator=g, device=dev) >= self.blur_p
+        delta = torch.zeros(k, device=dev)
+        delta[k // 2] = 1
+        ker = torch.where(off[:, None], delta, ker).repeat_interleave(C, 0)   # [N*C, k]
+        pad = k // 2
+        y = x.reshape(1, N * C, H, W)                                     # depthwise conv, one group per channel
+        y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), ker.view(N * C, 1, 1, k), groups=N * C)
+        y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), ker.view(N * C, 1, k, 1), groups=N * C)
+        return y.view(N, C, H, W)
+
+
+def center_resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Eval transform: [3, h, w] uint8 -> shorter side to `size`, centre crop to size x size."""
+    img = TF.resize(img, size, antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """[N, 3, H, W] uint8 -> float normalised."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s

@@ -1,0 +1,115 @@
+"""The distributed environment, in one place: torchrun variables, SLURM variables, or one process.
+
+torchrun (and the `deepspeed` / `accelerate` launchers) set RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. Under `srun` with one task per GPU we derive the same from
+SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first host of SLURM_JOB_NODELIST.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"   # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """SLURM hostlist -> hostnames: "gpu[01-03,07],login1" -> [gpu01, gpu02, gpu03, gpu07, login1]."""
+    hosts, depth, cur = [], 0, ""
+    for ch in nodelist + ",":
+        if ch == "," and depth == 0:
+            if cur:
+                hosts.extend(_expand_host(cur))
+            cur = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        cur += ch
+    return hosts
+
+
+def _expand_host(pattern: str) -> List[str]:
+    m = re.search(r"\[([^\]]+)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail, out = pattern[:m.start()], pattern[m.end():], []
+    for part in m.group(1).split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += [f"{head}{str(i).zfill(len(lo))}{tail}" for i in range(int(lo), int(hi) + 1)]
+        else:
+            out.append(f"{head}{part}{tail}")
+    return [h for o in out for h in _expand_host(o)]
+
+
+def env_from(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Read the environment a launcher set up (torchrun wins over SLURM)."""
+    e = os.environ if environ is None else environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
+                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
+        nodes = expand_nodelist(e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST", "127.0.0.1"))
+        port = int(e.get("MASTER_PORT", 20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
+                       e.get("MASTER_ADDR", nodes[0]), port, "slurm")
+    return DistEnv()
+
+
+def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 1800) -> torch.device:
+    """Join the process group (when world_size > 1) and return this rank's device."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    if env.world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+                          WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,175 @@
+"""Training backends: the one place that knows whether DDP or DeepSpeed runs the model.
+
+The loop only calls: `accumulate(last)`, `forward(batch)`, `backward(loss)`, `step()`, `set_lr()`,
+`save(path, client_state)` and `load(path)`. `module` is the bare method for hooks and eval.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pretrain.engine.optim import build_optimizer
+from pretrain.utils import atomic_path
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _precision(cfg):
+    if cfg.train.precision not in DTYPES:
+        raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    return DTYPES[cfg.train.precision]
+
+
+class DDPBackend:
+    """torch DDP (or the bare module in one process) + autocast, GradScaler for fp16."""
+
+    name = "ddp"
+
+    def __init__(self, method, cfg, device):
+        self.module = method.to(device)
+        self.device, self.accum, self.clip = device, cfg.train.grad_accum, cfg.train.clip_grad
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.model = method
+        if world > 1:
+            self.model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim)
+        self.dtype = _precision(cfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+
+    def accumulate(self, last: bool):
+        # Skip the gradient all-reduce on all but the last micro-batch of a step.
+        if isinstance(self.model, DistributedDataParallel) and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def forward(self, batch):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.model(batch)
+
+    def backward(self, loss):
+        self.scaler.scale(loss / self.accum).backward()
+
+    def step(self) -> torch.Tensor:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def save(self, path: Path, client_state: dict):
+        """One file, written by rank 0 under a temporary name and renamed into place."""
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), **client_state}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, path: Path) -> dict:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scaler.load_state_dict(state.pop("scaler"))
+        return state
+
+
+def deepspeed_config(cfg, world: int) -> dict:
+    """Our YAML -> a DeepSpeed config dict; a raw JSON (deepspeed.config_file) and
+    deepspeed.overrides are merged on top, so a user can set anything DeepSpeed knows."""
+    from omegaconf import OmegaConf
+
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    gb, acc = cfg.train.global_batch_size, cfg.train.grad_accum
+    ds = {
+        "train_batch_size": gb,
+        "train_micro_batch_size_per_gpu": gb // (world * acc),
+        "gradient_accumulation_steps": acc,
+        "gradient_clipping": float(cfg.train.clip_grad),
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,   # our LARS is a plain torch optimizer
+        "steps_per_print": 10 ** 9,
+    }
+    if cfg.deepspeed.config_file:
+        p = Path(cfg.deepspeed.config_file)
+        if not p.is_file():
+            raise ValueError(f"deepspeed.config_file {p} not found")
+        ds = OmegaConf.to_container(OmegaConf.merge(ds, json.loads(p.read_text())))
+    return OmegaConf.to_container(OmegaConf.merge(ds, OmegaConf.to_container(cfg.deepspeed.overrides)))
+
+
+class DeepSpeedBackend:
+    """deepspeed.initialize with ZeRO 0-3 and bf16/fp16; DeepSpeed does accumulation and clipping."""
+
+    name = "deepspeed"
+
+    def __init__(self, method, cfg, device):
+        import deepspeed
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if not dist.is_initialized():  # DeepSpeed insists on a process group, even for one process
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        self.config = deepspeed_config(cfg, world)
+        optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=method.to(device), optimizer=optimizer,
+                                                                config=self.config)
+        self.module, self.device = self.model.module, device
+        self.dtype = _precision(cfg)
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext()   # DeepSpeed tracks the accumulation boundary itself
+
+    def forward(self, batch):
+        if self.dtype is not None:  # DeepSpeed holds bf16/fp16 weights: feed matching inputs
+            batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        return self.model(batch)
+
+    def backward(self, loss):
+        self.model.backward(loss)   # scales by 1/grad_accum
+        self.model.step()           # only steps at the accumulation boundary
+
+    def step(self) -> torch.Tensor:
+        norm = self.model.get_global_grad_norm()
+        return torch.tensor(float(norm) if norm is not None else float("nan"))
+
+    def set_lr(self, lr: float):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def save(self, path: Path, client_state: dict):
+        """DeepSpeed's own format, a directory; written as `.tmp-<name>` and renamed by rank 0."""
+        tmp = path.parent / f".tmp-{path.name}"
+        self.model.save_checkpoint(str(path.parent), tag=tmp.name, client_state=client_state, save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:   # the config in plain JSON too, so export never has to unpickle
+            (tmp / "pretrain_config.json").write_text(json.dumps(client_state["config"]))
+            tmp.rename(path)
+        dist.barrier()
+
+    def load(self, path: Path) -> dict:
+        _, client_state = self.model.load_checkpoint(str(path.parent), tag=path.name)
+        return client_state
+
+
+BACKENDS = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}
+
+
+def create_backend(method, cfg, device):
+    if cfg.train.backend not in BACKENDS:
+        raise ValueError(f"train.backend must be one of {', '.join(BACKENDS)}, got {cfg.train.backend!r}")
+    return BACKENDS[cfg.train.backend](method, cfg, device)

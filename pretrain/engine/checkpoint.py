@@ -1,0 +1,114 @@
+"""Checkpoints: run_dir/checkpoints/step_NNNNNNNN(.pt | /), atomic, the newest K kept.
+
+A checkpoint holds the backend state (model, optimizer, scaler; DeepSpeed's own format under
+DeepSpeed) plus client state: step, epoch, the resolved config, every rank's RNG states and the
+method's extra state. The data position is a function of the step (see pretrain.data.pipeline),
+so nothing more is needed to continue exactly.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PATTERN = re.compile(r"^step_(\d{8})(\.pt)?$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint the user asked for is missing or unusable."""
+
+
+def list_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """Complete checkpoints, oldest first (temporaries from an interrupted save are ignored)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+
+
+def find_checkpoint(path) -> Optional[Path]:
+    """A run dir, a checkpoints dir, or a checkpoint itself -> the newest checkpoint, or None."""
+    p = Path(path)
+    if PATTERN.match(p.name) and p.exists():
+        return p
+    for d in (p / "checkpoints", p):
+        found = list_checkpoints(d)
+        if found:
+            return found[-1]
+    return None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+            "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", s["numpy"]["key"].numpy().astype(np.uint32), s["numpy"]["pos"], 0, 0.0))
+    v, state, gauss = s["python"]
+    random.setstate((v, tuple(state), gauss))
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, backend, keep_last: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.backend, self.keep_last = backend, max(1, keep_last)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def _path(self, step: int) -> Path:
+        return self.dir / (f"step_{step:08d}.pt" if self.backend.name == "ddp" else f"step_{step:08d}")
+
+    def save(self, step: int, epoch: int, config: dict, extra: dict) -> Path:
+        rngs = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        path = self._path(step)
+        self.backend.save(path, {"step": step, "epoch": epoch, "config": config, "rng": rngs, "extra": extra})
+        if self.rank == 0:
+            self._prune()
+        return path
+
+    def _prune(self):
+        for old in list_checkpoints(self.dir)[:-self.keep_last]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for tmp in self.dir.glob(".tmp-*"):   # debris of a save that was killed
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+    def resume(self, mode, run_dir: Path) -> Optional[dict]:
+        """Apply `resume` (auto | never | must | a path); returns the client state or None (fresh)."""
+        mode = str(mode)
+        if mode == "never":
+            return None
+        where = run_dir if mode in ("auto", "must") else Path(mode)
+        path = find_checkpoint(where)
+        if path is None:
+            if mode == "auto":
+                return None
+            raise CheckpointError(f"no checkpoint found in {where}; train without resume=... to start fresh, "
+                                  f"or point resume= at a run dir that has checkpoints/step_*")
+        if self.backend.name == "ddp" and path.is_dir() or self.backend.name != "ddp" and path.is_file():
+            raise CheckpointError(f"{path} was written by the other backend; resume with the train.backend it was saved with")
+        state = self.backend.load(path)
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+        return state

@@ -1,0 +1,61 @@
+"""Run logging: a text log (run_dir/log.txt), TensorBoard scalars and a tqdm bar, all on rank 0."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pretrain")
+
+
+def setup_text_log(run_dir: Path, rank: int) -> None:
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger("pretrain")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    root.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.addHandler(console)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress, total: int, start: int):
+        self.is_main = is_main
+        self.tb = self.bar = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
+        show = sys.stderr.isatty() if progress == "auto" else bool(progress)
+        if is_main and show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+
+    def scalars(self, step: int, values: dict, prefix: str = "train/") -> None:
+        if not self.is_main:
+            return
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(prefix + k, v, step)
+        text = " ".join(f"{prefix}{k}={v:.4g}" for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:120], refresh=False)
+        log.info("step %d %s", step, text)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,142 @@
+"""The training loop, one for every method and backend. Read it top to bottom:
+
+    setup -> resume -> for each step: schedule -> forward -> backward (x grad_accum) -> clip+step
+          -> after-step hook (EMA etc.) -> log -> kNN monitor -> checkpoint
+"""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain import dist as pdist
+from pretrain.config import ConfigError, save_config, to_dict
+from pretrain.data import build_train_loader, count_samples, eval_loader
+from pretrain.engine.backends import create_backend
+from pretrain.engine.checkpoint import Checkpointer
+from pretrain.engine.logger import RunLogger, log, setup_text_log
+from pretrain.engine.schedules import scaled_lr, warmup_cosine
+from pretrain.evaluation import extract_features, knn_accuracy
+from pretrain.methods import create_method
+from pretrain.models import convert_sync_bn
+
+
+def plan(cfg, world: int) -> dict:
+    """Batch sizes and step counts a config implies on `world` ranks; errors say what to change."""
+    gb, acc = cfg.train.global_batch_size, cfg.train.grad_accum
+    if gb % (world * acc):
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by world size {world} x "
+                          f"train.grad_accum {acc}; pick a multiple of {world * acc}")
+    per_epoch = cfg.data.samples_per_epoch or count_samples(cfg.data.train)
+    if not per_epoch:
+        raise ConfigError("data.samples_per_epoch is not set and the shards have no index.json; set it")
+    steps_per_epoch = per_epoch // gb
+    if steps_per_epoch < 1:
+        raise ConfigError(f"one epoch ({per_epoch} samples) is smaller than train.global_batch_size={gb}; "
+                          f"raise data.samples_per_epoch or lower the batch")
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
+    return dict(local_batch=gb // (world * acc), steps_per_epoch=steps_per_epoch, total=total,
+                warmup=min(warmup, total), lr=scaled_lr(cfg.optim.lr, gb, cfg.optim.lr_scaling))
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # peak RSS, KiB on Linux
+
+
+@torch.no_grad()
+def knn_monitor(method, cfg, device, dtype) -> float:
+    """kNN top-1 on data.val with data.train as the memory bank; every rank extracts its share."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    method.eval()
+    out = []
+    for spec, key in ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")):
+        loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key)
+        out.append(extract_features(method.features, loader, device, cfg.data.mean, cfg.data.std, dtype))
+    method.train()
+    if world > 1:   # gather everyone's features on every rank
+        parts = [None] * world
+        dist.all_gather_object(parts, out)
+        out = [tuple(torch.cat([p[i][j] for p in parts]) for j in range(2)) for i in range(2)]
+    (tf, ty), (vf, vy) = out
+    return knn_accuracy(tf, ty, vf, vy, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+def train(cfg) -> dict:
+    """Run (or resume) the training that `cfg` describes; returns final metrics."""
+    env = pdist.env_from()
+    device = pdist.init_distributed(env, cfg.dist.backend, cfg.dist.timeout_s)
+    torch.set_flush_denormal(True)   # small conv nets on CPU otherwise slow down as weights shrink
+    run_dir = Path(cfg.run_dir)
+    setup_text_log(run_dir, env.rank)
+    p = plan(cfg, env.world_size)
+    acc = cfg.train.grad_accum
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    method = create_method(cfg)
+    if getattr(method, "sync_bn", False) and env.world_size > 1:
+        method = convert_sync_bn(method, device)
+    backend = create_backend(method, cfg, device)
+    method = backend.module
+    ckpt = Checkpointer(run_dir, backend, cfg.checkpoint.keep_last)
+    state = ckpt.resume(cfg.resume, run_dir)
+    start = state["step"] if state else 0
+    if state:
+        method.load_extra_state(state["extra"])
+        log.info("resumed from step %d", start)
+    else:
+        torch.manual_seed(cfg.seed + env.rank)  # per-rank randomness (dropout, drop-path)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("%s on %d rank(s) (%s), %s: %d steps (%d/epoch), local batch %d x accum %d, peak lr %.4g",
+                 cfg.method.name, env.world_size, env.source, device, p["total"], p["steps_per_epoch"],
+                 p["local_batch"], acc, p["lr"])
+    loader = build_train_loader(cfg, method.num_views, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
+    data = loader.batches(start * acc)
+    logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start)
+    config_dict = to_dict(cfg)
+
+    losses_sum, n_logged, wait, t_last, metrics = None, 0, 0.0, time.perf_counter(), {}
+    for step in range(start, p["total"]):
+        lr = warmup_cosine(step, p["total"], p["lr"], p["warmup"], cfg.optim.min_lr)
+        backend.set_lr(lr)
+        for micro in range(acc):
+            t0 = time.perf_counter()
+            batch = next(data)
+            wait += time.perf_counter() - t0
+            with backend.accumulate(last=micro == acc - 1):
+                losses = backend.forward(batch)
+                backend.backward(losses["loss"])
+            detached = torch.stack([v.detach().float() for v in losses.values()])
+            losses_sum = detached if losses_sum is None else losses_sum + detached   # no host sync here
+        grad_norm = backend.step()
+        method.after_step(step + 1, p["total"])
+        n_logged += acc
+        logger.advance()
+
+        done = step + 1
+        if done % cfg.log.every_steps == 0 or done == p["total"]:
+            mean = pdist.all_reduce_mean(losses_sum / n_logged).tolist()
+            elapsed = time.perf_counter() - t_last
+            metrics = dict(zip(losses.keys(), mean))
+            metrics.update(lr=lr, grad_norm=float(grad_norm), epoch=step / p["steps_per_epoch"],
+                           images_per_s=n_logged * p["local_batch"] * env.world_size / elapsed,
+                           data_wait_frac=wait / elapsed, memory_mb=memory_mb(device),
+                           skipped_samples=loader.skipped)
+            logger.scalars(done, metrics)
+            losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
+        if cfg.data.val and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
+            metrics["knn_top1"] = knn_monitor(method, cfg, device, backend.dtype)
+            logger.scalars(done, {"knn_top1": metrics["knn_top1"]}, prefix="eval/")
+            t_last = time.perf_counter()
+        if done % cfg.checkpoint.every_steps == 0 or done == p["total"]:
+            ckpt.save(done, step // p["steps_per_epoch"], config_dict, method.extra_state())
+            t_last = time.perf_counter()
+    logger.close()
+    pdist.barrier()
+    return metrics

@@ -1,0 +1,61 @@
+"""The method interface every pretraining method implements.
+
+A method is an nn.Module that owns a backbone plus whatever heads it needs, and returns a dict of
+losses from `training_step(batch)`; the engine backpropagates `losses["loss"]` and logs the rest.
+`forward` is `training_step`, so DDP and DeepSpeed wrappers see the whole method.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+
+class Method(nn.Module):
+    #: hyper-parameters (config `method.*`) with defaults; the config rejects keys not listed here
+    defaults: Dict = {}
+    #: augmented views per sample the data pipeline must deliver in batch["views"]
+    num_views: int = 2
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, batch):
+        return self.training_step(batch)
+
+    def training_step(self, batch) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- optional hooks -------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> List[dict]:
+        """Weight decay on weights; none on biases and norm parameters (any 1-D tensor)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called once per optimizer step (not per micro-batch): EMA/momentum updates go here."""
+
+    def extra_state(self) -> dict:
+        """Non-parameter state to checkpoint (queues, pointers); tensors and plain Python only."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def export_backbone(self, which: str = "default") -> nn.Module:
+        """The backbone `pretrain export` writes."""
+        if which != "default":
+            raise ValueError(f"{type(self).__name__} has one backbone; --which {which!r} is not available")
+        return self.backbone
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features for evaluation: [B, 3, H, W] -> [B, D]."""
+        return self.export_backbone()(images)

@@ -1,0 +1,3 @@
+from pretrain.registry import Registry
+
+METHODS = Registry("method")

@@ -1,0 +1,63 @@
+"""Global (cross-rank) batch norm that works with any process group, gloo on CPU included.
+
+torch.nn.SyncBatchNorm needs CUDA; contrastive methods need global BN statistics to avoid the
+"information leak" through per-rank BN (SimCLR, MoCo v3). This one all-reduces [sum, sum of
+squares, count] per channel with a differentiable all-reduce, so forward and backward equal a
+single-process BN over the global batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.losses.distributed import all_reduce_sum_with_grad, world_info
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not self.training or world_info()[1] == 1:
+            return super().forward(x)
+        C = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        count = xf.new_tensor([x.numel() // C])
+        stats = all_reduce_sum_with_grad(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:C] / n                                     # [C]
+        var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)     # biased, as BN normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+                self.num_batches_tracked.add_(1)
+        shape = [1, C] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_to_global_bn(module: nn.Module) -> nn.Module:
+    """Replace plain BatchNorm1d/2d/3d layers (recursively) with GlobalBatchNorm, keeping state."""
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_global_bn(child))
+    return module
+
+
+def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
+    """Global BN everywhere: timm's converter on CUDA (covers its fused norm+act layers), ours elsewhere."""
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module)
+    return convert_to_global_bn(module)

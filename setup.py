@@ -1,0 +1,29 @@
+"""Install with `pip install -e .` (scripts/quickstart.sh and scripts/test.sh do it for you)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pretrain",
+    version="0.1.0",
+    description="Self-supervised and generative pretraining of timm vision backbones on WebDataset shards",
+    python_requires=">=3.9",
+    packages=find_packages(include=["pretrain", "pretrain.*"]),
+    package_data={"pretrain": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.3,<3",
+        "torchvision>=0.18",
+        "timm>=1.0,<2",
+        "webdataset>=0.2.90,<2",
+        "deepspeed>=0.15,<1",
+        "tensorboard>=2.14,<3",
+        "omegaconf>=2.3,<3",
+        "safetensors>=0.4,<1",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+        "pillow>=9",
+    ],
+    extras_require={
+        "quickstart": ["scikit-learn>=1.2"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "scikit-learn>=1.2"],
+    },
+    entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
+)
