@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sourced by quickstart.sh and test.sh: create .venv at the repo root (if missing) and install the
+# package with its test/quickstart extras. Re-installs only when setup.py changed since last time.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.pretrain-installed
+WANT="$(sha1sum setup.py | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "[setup] installing pretrain and its dependencies into .venv (torch, timm, deepspeed...: a few minutes the first time)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,quickstart]"
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
