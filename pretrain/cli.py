@@ -22,10 +22,11 @@ def cmd_shards(a):
 
 def cmd_train(a):
     from pretrain.config import load_config
+    from pretrain.dist import env_from
     from pretrain.engine import train
 
     metrics = train(load_config(a.config, a.overrides))
-    if metrics:
+    if metrics and env_from().is_main:   # one line, not one per rank interleaved on a shared stdout
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
 
 

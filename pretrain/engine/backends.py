@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain.config import ConfigError
 from pretrain.engine.optim import build_optimizer
 from pretrain.utils import atomic_path
 
@@ -69,6 +70,10 @@ class DDPBackend:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def eval_module(self):
+        """The method to run evaluation forwards on, outside the training wrapper."""
+        return self.module
+
     def save(self, path: Path, client_state: dict):
         """One file, written by rank 0 under a temporary name and renamed into place."""
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -110,7 +115,16 @@ def deepspeed_config(cfg, world: int) -> dict:
         if not p.is_file():
             raise ValueError(f"deepspeed.config_file {p} not found")
         ds = OmegaConf.to_container(OmegaConf.merge(ds, json.loads(p.read_text())))
-    return OmegaConf.to_container(OmegaConf.merge(ds, OmegaConf.to_container(cfg.deepspeed.overrides)))
+    ds = OmegaConf.to_container(OmegaConf.merge(ds, OmegaConf.to_container(cfg.deepspeed.overrides)))
+    flat = (ds.get("zero_optimization", {}).get("stage", 0) > 0 or ds.get("bf16", {}).get("enabled")
+            or ds.get("fp16", {}).get("enabled"))
+    if cfg.optim.name == "lars" and flat:
+        # ZeRO and DeepSpeed's bf16/fp16 optimizers hand the optimizer flattened (partitioned) parameter
+        # groups, so LARS would compute one trust ratio per flat partition instead of one per layer.
+        raise ConfigError("optim.name=lars needs per-layer weight norms, which DeepSpeed's ZeRO stages 1-3 and "
+                          "its bf16/fp16 optimizers flatten away; use optim.name=adamw or sgd with "
+                          "train.backend=deepspeed, or train.backend=ddp (or deepspeed.zero_stage=0 with fp32)")
+    return ds
 
 
 class DeepSpeedBackend:
@@ -130,6 +144,7 @@ class DeepSpeedBackend:
                                                                 config=self.config)
         self.module, self.device = self.model.module, device
         self.dtype = _precision(cfg)
+        self.cfg = cfg
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()   # DeepSpeed tracks the accumulation boundary itself
@@ -150,6 +165,28 @@ class DeepSpeedBackend:
     def set_lr(self, lr: float):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    def eval_module(self):
+        """The method to run evaluation forwards on. DeepSpeed's module is not always usable as it is:
+        under ZeRO-3 its parameters are partitioned and every forward gathers them collectively,
+        which hangs or crashes when ranks run different numbers of eval batches; with bf16/fp16 its
+        weights are half precision while BatchNorm's running statistics are not, which eval-mode
+        BatchNorm rejects. In those cases evaluate a plain fp32 copy (gathered once, on every rank
+        together, under ZeRO-3)."""
+        stage3 = self.config["zero_optimization"].get("stage", 0) == 3
+        if not stage3 and self.dtype is None:
+            return self.module
+        import deepspeed
+
+        from pretrain.methods import create_method
+
+        with torch.random.fork_rng(devices=[]):   # building the copy must not move the training RNG
+            copy = create_method(self.cfg).to(self.device)
+        gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None) if stage3 \
+            else contextlib.nullcontext()
+        with gather:
+            copy.load_state_dict({k: v.detach().clone() for k, v in self.module.state_dict().items()})
+        return copy
 
     def save(self, path: Path, client_state: dict):
         """DeepSpeed's own format, a directory; written as `.tmp-<name>` and renamed by rank 0."""

@@ -90,7 +90,8 @@ class Checkpointer:
     def _prune(self):
         for old in list_checkpoints(self.dir)[:-self.keep_last]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-        for tmp in self.dir.glob(".tmp-*"):   # debris of a save that was killed
+        # debris of a save that was killed: DeepSpeed's .tmp-step_* dirs, DDP's .step_*.pt.*.tmp files
+        for tmp in [*self.dir.glob(".tmp-*"), *self.dir.glob(".step_*.tmp")]:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def resume(self, mode, run_dir: Path) -> Optional[dict]:

@@ -31,6 +31,8 @@ def plan(cfg, world: int) -> dict:
         raise ConfigError(f"train.global_batch_size={gb} is not divisible by world size {world} x "
                           f"train.grad_accum {acc}; pick a multiple of {world * acc}")
     per_epoch = cfg.data.samples_per_epoch or count_samples(cfg.data.train)
+    if cfg.data.val:   # fail now, not after training when the final kNN monitor first reads it
+        count_samples(cfg.data.val, "data.val")
     if not per_epoch:
         raise ConfigError("data.samples_per_epoch is not set and the shards have no index.json; set it")
     steps_per_epoch = per_epoch // gb
@@ -50,19 +52,22 @@ def memory_mb(device) -> float:
 
 
 @torch.no_grad()
-def knn_monitor(method, cfg, device, dtype) -> float:
+def knn_monitor(backend, cfg, device, dtype) -> float:
     """kNN top-1 on data.val with data.train as the memory bank; every rank extracts its share."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    method.eval()
+    model = backend.eval_module()   # ranks see different numbers of batches: no collectives inside
+    was_training = model.training
+    model.eval()
     out = []
     for spec, key in ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")):
         loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key)
-        out.append(extract_features(method.features, loader, device, cfg.data.mean, cfg.data.std, dtype))
-    method.train()
+        out.append(extract_features(model.features, loader, device, cfg.data.mean, cfg.data.std, dtype))
+    model.train(was_training)
     if world > 1:   # gather everyone's features on every rank
         parts = [None] * world
         dist.all_gather_object(parts, out)
-        out = [tuple(torch.cat([p[i][j] for p in parts]) for j in range(2)) for i in range(2)]
+        # a rank with no shard of a split has empty [0, 0] features: leave it out of the concatenation
+        out = [tuple(torch.cat([p[i][j] for p in parts if len(p[i][1])]) for j in range(2)) for i in range(2)]
     (tf, ty), (vf, vy) = out
     return knn_accuracy(tf, ty, vf, vy, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
@@ -131,7 +136,7 @@ def train(cfg) -> dict:
             logger.scalars(done, metrics)
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
         if cfg.data.val and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
-            metrics["knn_top1"] = knn_monitor(method, cfg, device, backend.dtype)
+            metrics["knn_top1"] = knn_monitor(backend, cfg, device, backend.dtype)
             logger.scalars(done, {"knn_top1": metrics["knn_top1"]}, prefix="eval/")
             t_last = time.perf_counter()
         if done % cfg.checkpoint.every_steps == 0 or done == p["total"]:
