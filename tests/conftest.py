@@ -1,0 +1,52 @@
+"""Session fixtures: real digits shards (scikit-learn's 8x8 digits, upscaled to 16 px), a tiny
+experiment YAML, and one short reference training run several test files inspect."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from helpers import cli, train_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """<dir>/{train,val}/shard-*.tar + index.json: 1797 real digits, 100 per shard, 10% val."""
+    from pretrain.data import write_shards
+    from pretrain.data.sources import digits
+
+    out = tmp_path_factory.mktemp("digits16")
+    classes, samples = digits(size=16)
+    write_shards(samples, classes, out, shard_size=100, val_fraction=0.1, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory) -> Path:
+    """An experiment YAML as a user would write one (the CLI needs one)."""
+    p = tmp_path_factory.mktemp("exp") / "tiny.yaml"
+    p.write_text("method:\n  name: simclr\n  temperature: 0.2\nmodel:\n  name: resnet10t\noptim:\n  name: lars\n  lr: 0.3\n")
+    return p
+
+
+REF_STEPS, REF_EVERY = 6, 3
+
+
+@pytest.fixture(scope="session")
+def ref_run(tmp_path_factory, digits_shards, experiment):
+    """`pretrain train` for 6 steps, checkpoints at 3 and 6, loss logged every step, kNN monitor at the end.
+
+    Returns (run_dir, overrides, stdout metrics dict)."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    ov = train_overrides(digits_shards, run_dir, train__max_steps=REF_STEPS, checkpoint__every_steps=REF_EVERY,
+                         checkpoint__keep_last=10, data__val=f"{digits_shards}/val")
+    p = cli("train", experiment, *ov, check=True)
+    metrics = json.loads(p.stdout.strip().splitlines()[-1])
+    return run_dir, ov, metrics

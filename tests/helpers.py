@@ -1,0 +1,100 @@
+"""Shared helpers for the test suite: running the CLI and torchrun in real subprocesses, reading logs."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+WORKERS = TESTS / "workers"
+
+
+def child_env(**extra) -> Dict[str, str]:
+    """Environment for child processes: one thread each (2 cores shared by everyone), no stray
+    launcher variables, tests/ importable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd: Sequence[str], timeout: float = 240, check: bool = False, **env) -> subprocess.CompletedProcess:
+    p = subprocess.run(list(map(str, cmd)), cwd=REPO, env=child_env(**env), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        # under torchrun the informative lines (the ranks' errors) come before the launcher's summary
+        errors = [l for l in p.stderr.splitlines() if "rror" in l or "Traceback" in l][:40]
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n"
+                             f"--- error lines of stderr\n" + "\n".join(errors) + f"\n--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def cli(*args, timeout: float = 240, check: bool = False, **env) -> subprocess.CompletedProcess:
+    """`pretrain ARGS...` in a fresh Python process."""
+    return run([sys.executable, "-m", "pretrain.cli", *args], timeout=timeout, check=check, **env)
+
+
+def torchrun(*args, nproc: int = 2, timeout: float = 240, check: bool = False, **env) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N ARGS...` (ARGS: a script path, or -m module ...)."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+               timeout=timeout, check=check, **env)
+
+
+def train_overrides(shards, run_dir, **kv) -> List[str]:
+    """A tiny but real SimCLR run on the digits shards; `kv` (a__b=value for a.b=value) wins."""
+    base = {
+        "data.train": f"{shards}/train", "data.val": "null", "run_dir": str(run_dir),
+        "model.name": "resnet10t", "data.image_size": 16, "method.proj_hidden_dim": 32, "method.proj_dim": 16,
+        "train.global_batch_size": 32, "train.max_steps": 4, "data.num_workers": 0, "data.shuffle_buffer": 64,
+        "log.every_steps": 1, "log.progress": "false", "checkpoint.every_steps": 1000, "optim.warmup_steps": 2,
+    }
+    base.update({k.replace("__", "."): v for k, v in kv.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tb_scalars(run_dir, tag: str = "train/loss") -> Dict[int, float]:
+    """step -> value of one scalar from every TensorBoard event file under run_dir/tb (full float32)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = {}
+    files = sorted(glob.glob(str(Path(run_dir) / "tb" / "events.out.tfevents.*")))
+    assert files, f"no TensorBoard event file under {run_dir}/tb"
+    for f in files:
+        for ev in EventFileLoader(f).Load():
+            if not ev.HasField("summary"):
+                continue
+            for v in ev.summary.value:
+                if v.tag != tag:
+                    continue
+                if v.HasField("simple_value"):
+                    out[ev.step] = v.simple_value
+                else:  # newer writers store a tensor proto
+                    from tensorboard.util import tensor_util
+
+                    out[ev.step] = float(tensor_util.make_ndarray(v.tensor))
+    return out
+
+
+def tmp_debris(*dirs) -> List[str]:
+    """Every temporary (.tmp) file or dir left under `dirs`."""
+    found = []
+    for d in dirs:
+        d = Path(d)
+        if d.exists():
+            found += [str(p) for p in d.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
+    return found
+
+
+def error_line(p: subprocess.CompletedProcess) -> str:
+    """Assert the process failed with exactly one `error: ...` line on stderr and no traceback."""
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode != 0, f"expected failure, got exit 0\nstdout: {p.stdout[-2000:]}"
+    assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr is not one error line:\n{p.stderr[-4000:]}"
+    return lines[0]

@@ -1,0 +1,120 @@
+"""NT-Xent against a reference written here, and the distributed proof: W ranks x batch B (DDP,
+global BN, gathered negatives) == 1 process x batch W*B, in loss and in every parameter gradient."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import WORKERS, torchrun
+from pretrain.losses import nt_xent
+
+sys.path.insert(0, str(WORKERS))
+from grad_common import build_method  # noqa: E402
+
+
+def reference_nt_xent(z1, z2, t):
+    """SimCLR's loss, written out anchor by anchor: 2N anchors, each with one positive (its other
+    view) and every other embedding in the batch as a negative."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n = z1.shape[0]
+    total = 0.0
+    for i in range(2 * n):
+        pos = i + n if i < n else i - n
+        denom = sum(math.exp(float(z[i] @ z[j]) / t) for j in range(2 * n) if j != i)
+        total += -(float(z[i] @ z[pos]) / t - math.log(denom))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("n, d, t", [(1, 3, 0.5), (5, 8, 0.2), (16, 32, 0.07)])
+def test_nt_xent_matches_reference(n, d, t):
+    g = torch.Generator().manual_seed(n)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    assert nt_xent(z1, z2, t).item() == pytest.approx(reference_nt_xent(z1, z2, t), rel=1e-5, abs=1e-6)
+
+
+def test_nt_xent_positive_pairs_lower_the_loss():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(8, 16, generator=g)
+    aligned = nt_xent(z1, z1 + 0.01 * torch.randn(8, 16, generator=g), 0.1)
+    shuffled = nt_xent(z1, z1[torch.randperm(8, generator=g)], 0.1)
+    assert aligned < shuffled
+
+
+@pytest.fixture(scope="module")
+def two_rank_result(tmp_path_factory):
+    """Run tests/workers/simclr_grads.py on 2 ranks over a fixed global batch of 2 x 6 samples."""
+    d = tmp_path_factory.mktemp("proof")
+    g = torch.Generator().manual_seed(1)
+    W, B = 2, 6
+    inputs = {
+        "views": torch.randn(2, W * B, 3, 16, 16, generator=g),
+        "z1": torch.randn(W * B, 16, generator=g), "z2": torch.randn(W * B, 16, generator=g),
+        "bn_x": torch.randn(W * B, 4, 5, 5, generator=g) * 3 + 1, "bn_c": torch.randn(W * B, 4, 5, 5, generator=g),
+        "bn_w": torch.rand(4, generator=g) + 0.5, "bn_b": torch.randn(4, generator=g),
+    }
+    torch.save(inputs, d / "inputs.pt")
+    torchrun(WORKERS / "simclr_grads.py", d / "inputs.pt", d / "out.pt", timeout=200, check=True)
+    return inputs, torch.load(d / "out.pt"), W
+
+
+def _close(got, want, rel=1e-4):
+    """Equal up to float32 summation order: atol relative to the tensor's scale."""
+    scale = max(want.abs().max().item(), 1e-12)
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * scale)
+
+
+def test_ddp_global_batch_equals_single_process(two_rank_result):
+    inputs, res, W = two_rank_result
+    method = build_method()
+    loss = method({"views": inputs["views"]})["loss"]
+    loss.backward()
+    assert res["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    grads = dict(method.named_parameters())
+    assert set(res["grads"]) == set(grads)
+    for name, p in grads.items():
+        _close(res["grads"][name], p.grad)
+    # global BN also keeps the same running statistics
+    for name, b in method.named_buffers():
+        if b.is_floating_point():
+            _close(res["buffers"][name], b)
+
+    # the comparison has teeth: per-rank BN statistics (what plain BN under DDP does) give another loss
+    per_rank = build_method()
+    B = inputs["views"].shape[1] // W
+    local = [per_rank({"views": inputs["views"][:, r * B:(r + 1) * B]})["loss"].item() for r in range(W)]
+    assert abs(sum(local) / W - loss.item()) > 1e-3
+
+
+def test_nt_xent_two_ranks_equals_one(two_rank_result):
+    inputs, res, W = two_rank_result
+    z1 = inputs["z1"].clone().requires_grad_(True)
+    z2 = inputs["z2"].clone().requires_grad_(True)
+    loss = nt_xent(z1, z2, 0.3)
+    # DDP averages over ranks: the objective is the mean of the per-rank losses
+    (loss * W).backward()   # each rank's gradient is d(sum_r L_r)/dz, the un-averaged global one
+    parts = res["nt_xent"]
+    assert torch.stack([p[0] for p in parts]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
+    _close(torch.cat([p[1] for p in parts]), z1.grad)
+    _close(torch.cat([p[2] for p in parts]), z2.grad)
+
+
+def test_global_batch_norm_two_ranks_equals_full_batch(two_rank_result):
+    inputs, res, W = two_rank_result
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(inputs["bn_w"]), bn.bias.copy_(inputs["bn_b"])
+    x = inputs["bn_x"].clone().requires_grad_(True)
+    y = bn(x)
+    (y * inputs["bn_c"]).sum().backward()
+    got = res["bn"]
+    _close(torch.cat([p[0] for p in got["parts"]]), y.detach())
+    _close(torch.cat([p[1] for p in got["parts"]]), x.grad)
+    _close(got["dw"], bn.weight.grad)
+    _close(got["db"], bn.bias.grad)
+    _close(got["running_mean"], bn.running_mean)
+    _close(got["running_var"], bn.running_var)
