@@ -374,3 +374,23 @@ def test_photometric_shapes_dtype_and_determinism():
     y = ident.photometric(x, torch.Generator().manual_seed(0))
     ref = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_all_shards_unreadable_is_a_clear_error_not_a_hang(tmp_path):
+    """A resampled stream over nothing but garbage tars must stop with DataError, not retry forever."""
+    import pytest as _pytest
+
+    from pretrain.data import DataError
+    from pretrain.data.augment import SimCLRAugment
+    from pretrain.data.pipeline import ResampledBatches, Source
+
+    bad = []
+    for i in range(2):
+        p = tmp_path / f"bad-{i}.tar"
+        p.write_bytes(b"this is not a tar file at all" * 50)
+        bad.append(str(p))
+    aug = SimCLRAugment(16, [0.5] * 3, [0.5] * 3)
+    ds = ResampledBatches([Source(bad)], batch_size=4, batches_per_epoch=2, augment=aug, num_views=2,
+                          photometric_in_worker=True, seed=0, rank=0, shuffle_buffer=8)
+    with _pytest.raises(DataError, match="look corrupt"):
+        next(iter(ds))

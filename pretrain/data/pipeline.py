@@ -107,15 +107,24 @@ def split_shards(urls: List[str], rank: int, world: int, worker: int, num_worker
 # ------------------------------------------------------------------------------------------------
 # reading and decoding
 class SkipCounter:
-    """Counts corrupt samples/tars; the handler webdataset calls on read errors."""
+    """Counts corrupt samples/tars; the handler webdataset calls on read errors.
 
-    def __init__(self):
-        self.count = 0
+    `streak` counts failures since the last good sample: past `max_streak` the data is taken to be
+    unreadable as a whole (a resampled stream would otherwise retry bad shards forever).
+    """
+
+    def __init__(self, max_streak: int = 1000):
+        self.count = self.streak = 0
+        self.max_streak = max_streak
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
+        self.streak += 1
         if self.count <= 10 or self.count % 1000 == 0:
             log.warning("skipping unreadable data (%d so far): %s", self.count, str(exn)[:300])
+        if self.streak > self.max_streak:
+            raise DataError(f"{self.max_streak} unreadable samples or shards in a row (last: {str(exn)[:200]}); "
+                            f"the shards look corrupt: rewrite them with `pretrain shards`")
         return True
 
 
@@ -196,18 +205,15 @@ class ResampledBatches(IterableDataset):
         for b in range(first, self.batches_per_epoch, W):
             bseed = _seed(self.seed, self.epoch, self.rank, b, 1)
             g = torch.Generator().manual_seed(bseed)
-            views, labels, bad_run = [[] for _ in range(self.num_views)], [], 0
+            views, labels = [[] for _ in range(self.num_views)], []
             while len(labels) < self.batch_size:
                 sample = next(stream)
                 try:
                     img, label = decode(sample)
                 except Exception as e:  # corrupt image bytes, bad label...
                     counter(e)
-                    bad_run += 1
-                    if bad_run > 1000:
-                        raise DataError("1000 unreadable samples in a row; the shards look corrupt") from e
                     continue
-                bad_run = 0
+                counter.streak = 0
                 for v in views:
                     v.append(self.augment.geometric(img, g))
                 labels.append(label)
