@@ -87,51 +87,84 @@ class SimCLRAugment:
         return out
 
     # ---- stage 2: per batch, float ---------------------------------------------------------------
+    #: on CPU the batch goes through stage 2 in chunks of about this many bytes (float32), so that
+    #: each chunk stays in cache across the dozen passes below instead of streaming from memory
+    cpu_chunk_bytes = 2 << 20
+
     def photometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """[N, 3, S, S] uint8 (any device) -> [N, 3, S, S] float32, jittered, blurred, normalised.
 
-        `g` must live on x's device.
+        `g` must live on x's device. All random parameters are drawn for the whole batch first;
+        every channel mix is then a batched 3x3 matrix multiply over [n, 3, S*S] and every other
+        step an in-place pass, chunk by chunk on CPU.
         """
-        dev, N = x.device, x.shape[0]
-        x = x.float().div_(255)
-        gray_w = torch.tensor(_GRAY, device=dev).view(1, 3, 1, 1)
-
-        def gray(t):                                                     # [N,3,H,W] -> [N,1,H,W]
-            return (t * gray_w).sum(1, keepdim=True)
-
+        dev, N, (H, W) = x.device, x.shape[0], x.shape[-2:]
+        # all random parameters first, in a fixed order (the batch is a function of g's seed)
         on = (torch.rand(N, generator=g, device=dev) < self.jitter_p).float()          # [N]
+
         def factor(strength):                                            # identity where jitter is off
             f = _uniform(g, N, max(0.0, 1 - strength), 1 + strength, dev)
-            return (1 + on * (f - 1)).view(N, 1, 1, 1)
-        x = (x * factor(self.brightness)).clamp_(0, 1)
-        m = gray(x).mean((2, 3), keepdim=True)                           # [N,1,1,1]
-        x = ((x - m) * factor(self.contrast) + m).clamp_(0, 1)
-        gx = gray(x)
-        x = ((x - gx) * factor(self.saturation) + gx).clamp_(0, 1)
-        if self.hue > 0:
-            theta = _uniform(g, N, -self.hue, self.hue, dev) * on * 2 * math.pi   # [N]
+            return (1 + on * (f - 1)).view(N, 1, 1)
+        bright, contrast, sat = factor(self.brightness), factor(self.contrast), factor(self.saturation)
+        theta = _uniform(g, N, -self.hue, self.hue, dev) * on * 2 * math.pi if self.hue > 0 else None
+        to_gray = (torch.rand(N, generator=g, device=dev) < self.grayscale_p).view(N, 1, 1)
+        if self.blur_p > 0:
+            kernels = gaussian_kernels(_uniform(g, N, *self.blur_sigma, dev), self.blur_k)   # [N, k]
+            no_blur = torch.rand(N, generator=g, device=dev) >= self.blur_p
+
+        # per-image colour matrices
+        gray_w = torch.tensor(_GRAY, device=dev)
+        eye, to_gray_m = torch.eye(3, device=dev), gray_w.expand(3, 3)  # x -> gray(x) in every channel
+        mixes = [sat * eye + (1 - sat) * to_gray_m]                      # saturation: s x + (1 - s) gray(x)
+        if theta is not None:                                            # hue: rotate (I, Q)
             c, s = theta.cos(), theta.sin()
             rot = torch.zeros(N, 3, 3, device=dev)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-            M = _YIQ2RGB.to(dev) @ rot @ _RGB2YIQ.to(dev)                 # [N,3,3]
-            x = torch.einsum("nij,njhw->nihw", M, x).clamp_(0, 1)
-        to_gray = (torch.rand(N, generator=g, device=dev) < self.grayscale_p).view(N, 1, 1, 1)
-        x = torch.where(to_gray, gray(x).expand_as(x), x)
-        if self.blur_p > 0:
-            x = self._blur(x, g)
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+            mixes.append(_YIQ2RGB.to(dev) @ rot @ _RGB2YIQ.to(dev))
+        # grayscale and normalisation: one affine map per image. The blur may come after it: its
+        # kernels sum to 1 and it treats channels alike, so it commutes with per-pixel affine maps.
+        mean, std = self.mean.to(dev).view(1, 3, 1), self.std.to(dev).view(1, 3, 1)
+        affine, bias = torch.where(to_gray, to_gray_m, eye) / std, -mean / std
 
-    def _blur(self, x, g):
-        N, C, H, W = x.shape
-        dev, k = x.device, self.blur_k
-        sigma = _uniform(g, N, *self.blur_sigma, dev)
-        ker = gaussian_kernels(sigma, k)                                  # [N, k]
-        off = torch.rand(N, generator=g, device=dev) >= self.blur_p
-        delta = torch.zeros(k, device=dev)
+        step = N if dev.type != "cpu" else max(1, self.cpu_chunk_bytes // (3 * H * W * 4))
+        out = torch.empty(N, 3, H * W, device=dev)
+        spare = torch.empty(min(step, N), 3, H * W, device=dev)
+        for i in range(0, N, step):
+            j = slice(i, i + step)
+            y = out[j]
+            n = y.shape[0]
+            y.copy_(x[j].reshape(n, 3, H * W))                           # (much faster than .float() on CPU)
+            y.mul_(bright[j] / 255).clamp_(0, 1)                         # brightness (and uint8 -> [0, 1])
+            m = (y.mean(2) @ gray_w).view(n, 1, 1)                       # mean grey level
+            y.mul_(contrast[j]).add_(m * (1 - contrast[j])).clamp_(0, 1)  # contrast: m + c (x - m)
+            cur, free = y, spare[:n]
+            for mix in mixes:
+                torch.bmm(mix[j], cur, out=free).clamp_(0, 1)
+                cur, free = free, cur
+            torch.baddbmm(bias, affine[j], cur, out=free)
+            if free is not y:
+                y.copy_(free)
+            if self.blur_p > 0:
+                self._blur_(y.view(n, 3, H, W), kernels[j], no_blur[j])
+        return out.view(N, 3, H, W)
+
+    def _blur_(self, x, kernels, off):
+        """In place: separable Gaussian blur, one [k] kernel per image, skipped where `off`."""
+        if x.device.type == "cpu":   # blur only the images drawn for it (on a GPU that would sync)
+            idx = (~off).nonzero().squeeze(1)
+            if len(idx):
+                x.index_copy_(0, idx, self._conv(x.index_select(0, idx), kernels.index_select(0, idx)))
+            return x
+        k = self.blur_k
+        delta = torch.zeros(k, device=x.device)
         delta[k // 2] = 1
-        ker = torch.where(off[:, None], delta, ker).repeat_interleave(C, 0)   # [N*C, k]
-        pad = k // 2
+        return x.copy_(self._conv(x, torch.where(off[:, None], delta, kernels)))
+
+    def _conv(self, x, ker):
+        N, C, H, W = x.shape
+        k, pad = self.blur_k, self.blur_k // 2
+        ker = ker.repeat_interleave(C, 0)                                 # [N*C, k]
         y = x.reshape(1, N * C, H, W)                                     # depthwise conv, one group per channel
         y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), ker.view(N * C, 1, 1, k), groups=N * C)
         y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), ker.view(N * C, 1, k, 1), groups=N * C)

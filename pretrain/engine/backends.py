@@ -1,6 +1,6 @@
 """Training backends: the one place that knows whether DDP or DeepSpeed runs the model.
 
-The loop only calls: `accumulate(last)`, `forward(batch)`, `backward(loss)`, `step()`, `set_lr()`,
+The loop only calls: `accumulate(last)`, `forward(batch)`, `backward(loss)`, `step(need_norm)`, `set_lr()`,
 `save(path, client_state)` and `load(path)`. `module` is the bare method for hooks and eval.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -57,10 +58,14 @@ class DDPBackend:
     def backward(self, loss):
         self.scaler.scale(loss / self.accum).backward()
 
-    def step(self) -> torch.Tensor:
+    def step(self, need_norm: bool = True) -> Optional[torch.Tensor]:
+        """Clip (when train.clip_grad > 0) and step. Returns the global grad norm, or None when
+        nothing needed it: without clipping it is only computed for steps that log it."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
+        norm = None
+        if self.clip > 0 or need_norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -158,8 +163,8 @@ class DeepSpeedBackend:
         self.model.backward(loss)   # scales by 1/grad_accum
         self.model.step()           # only steps at the accumulation boundary
 
-    def step(self) -> torch.Tensor:
-        norm = self.model.get_global_grad_norm()
+    def step(self, need_norm: bool = True) -> torch.Tensor:
+        norm = self.model.get_global_grad_norm()   # DeepSpeed computes it anyway
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 
     def set_lr(self, lr: float):

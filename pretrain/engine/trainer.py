@@ -8,6 +8,7 @@ from __future__ import annotations
 import resource
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,13 @@ def knn_monitor(backend, cfg, device, dtype) -> float:
     return knn_accuracy(tf, ty, vf, vy, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
-def train(cfg) -> dict:
-    """Run (or resume) the training that `cfg` describes; returns final metrics."""
+def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
+    """Run (or resume) the training that `cfg` describes; returns final metrics.
+
+    `data`: an iterator of micro-batches ({"views": [V, B, 3, S, S] float on the device, ...}) to
+    train on instead of the loader that `cfg.data` describes, e.g. a fixed in-memory batch to time
+    the engine alone (scripts/bench.py). Positioning it on resume is then the caller's business.
+    """
     env = pdist.env_from()
     device = pdist.init_distributed(env, cfg.dist.backend, cfg.dist.timeout_s)
     torch.set_flush_denormal(True)   # small conv nets on CPU otherwise slow down as weights shrink
@@ -101,8 +107,10 @@ def train(cfg) -> dict:
         log.info("%s on %d rank(s) (%s), %s: %d steps (%d/epoch), local batch %d x accum %d, peak lr %.4g",
                  cfg.method.name, env.world_size, env.source, device, p["total"], p["steps_per_epoch"],
                  p["local_batch"], acc, p["lr"])
-    loader = build_train_loader(cfg, method.num_views, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
-    data = loader.batches(start * acc)
+    loader = None
+    if data is None:
+        loader = build_train_loader(cfg, method.num_views, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
+        data = loader.batches(start * acc)
     logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start)
     config_dict = to_dict(cfg)
 
@@ -119,20 +127,21 @@ def train(cfg) -> dict:
                 backend.backward(losses["loss"])
             detached = torch.stack([v.detach().float() for v in losses.values()])
             losses_sum = detached if losses_sum is None else losses_sum + detached   # no host sync here
-        grad_norm = backend.step()
-        method.after_step(step + 1, p["total"])
+        done = step + 1
+        log_now = done % cfg.log.every_steps == 0 or done == p["total"]
+        grad_norm = backend.step(need_norm=log_now)
+        method.after_step(done, p["total"])
         n_logged += acc
         logger.advance()
 
-        done = step + 1
-        if done % cfg.log.every_steps == 0 or done == p["total"]:
+        if log_now:
             mean = pdist.all_reduce_mean(losses_sum / n_logged).tolist()
             elapsed = time.perf_counter() - t_last
             metrics = dict(zip(losses.keys(), mean))
             metrics.update(lr=lr, grad_norm=float(grad_norm), epoch=step / p["steps_per_epoch"],
                            images_per_s=n_logged * p["local_batch"] * env.world_size / elapsed,
                            data_wait_frac=wait / elapsed, memory_mb=memory_mb(device),
-                           skipped_samples=loader.skipped)
+                           skipped_samples=loader.skipped if loader else 0)
             logger.scalars(done, metrics)
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
         if cfg.data.val and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
