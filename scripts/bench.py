@@ -1,0 +1,414 @@
+#!/usr/bin/env python
+"""Side-by-side benchmarks: each prints ratios measured in one run, A and B interleaved, medians.
+
+    python scripts/bench.py data   [--quick]   # our shard loader vs torchvision ImageFolder + PIL SimCLR transform
+    python scripts/bench.py engine [--quick]   # `pretrain` train step vs a hand-written PyTorch loop
+
+Results and settings are in docs/benchmarks.md. `--quick` is a seconds-long smoke run (tiny
+sizes, one rep): it checks that both sides run, its figures mean little.
+
+data: the same real photos (scikit-image's sample photos, or scikit-learn's two sample photos when
+scikit-image is not installed) are cut into N random square crops, JPEG-encoded once, and written
+both as an image folder (root/<photo>/<i>.jpg) and as WebDataset shards (pretrain.data.write_shards).
+Ours: pretrain.data.build_train_loader (ResampledBatches + TrainLoader, both SimCLR augmentation
+stages in the loader workers, as on CPU). Baseline: torchvision.datasets.ImageFolder + the SimCLR
+torchvision.transforms recipe applied per image with PIL, twice (two views), through a DataLoader.
+Same images, workers, batch size, prefetch and output size. Throughput is counted in source
+images/s (each delivered as two augmented views), in steady state (the first batches, i.e. worker
+start-up and our shuffle-buffer fill, are not timed), by wall clock and per CPU-second used by the
+main process and its workers (the latter depends much less on other load on the machine). Runs
+alternate ours, baseline, ours, baseline...
+
+engine: pretrain.engine.trainer.train() fed a fixed in-memory batch (its `data=` argument) vs a bare
+loop with the same SimCLR model, NT-Xent loss, LARS optimizer, LR schedule and batch. The two
+alternate step by step (the bare step runs inside the iterator that feeds train()), so a busy
+spell of the machine hits both alike. An engine step is timed from handing out its batch to the
+request for the next one: everything the loop does for one step (schedule, forward, backward,
+optimizer, bookkeeping, logging every 10 steps). The first steps of each run are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def load() -> str:
+    """1-minute load average: other processes on the machine add noise to every figure."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+def source_photos():
+    """A few real RGB photos (uint8 HxWx3) and the name of where they come from."""
+    try:
+        import skimage.data as sd
+
+        names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                 "retina", "colorwheel"]
+        photos = []
+        for n in names:
+            try:
+                a = getattr(sd, n)()
+            except Exception:   # a photo that would need a download
+                continue
+            if a.ndim == 3 and a.shape[2] >= 3:
+                photos.append((n, np.ascontiguousarray(a[..., :3])))
+        if photos:
+            return photos, "skimage.data"
+    except ImportError:
+        pass
+    from sklearn.datasets import load_sample_images
+
+    d = load_sample_images()
+    return [(Path(f).stem, img) for f, img in zip(d.filenames, d.images)], "sklearn.datasets.load_sample_images"
+
+
+def make_images(root: Path, n: int, size: int, seed: int = 0) -> str:
+    """n random square crops (side 25-100% of the photo's shorter side) resized to size x size, as
+    JPEG (quality 90) in root/folder/<photo>/<i>.jpg and in WebDataset shards under root/shards/train."""
+    from PIL import Image
+
+    from pretrain.data import write_shards
+
+    done = root / "done"
+    if done.is_file():
+        return done.read_text()
+    photos, where = source_photos()
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        label = i % len(photos)
+        name, a = photos[label]
+        h, w = a.shape[:2]
+        side = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        img = Image.fromarray(a[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        d = root / "folder" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:06d}.jpg").write_bytes(data)
+        samples.append((data, "jpg", label, {"source": name}))
+    write_shards(samples, [p[0] for p in photos], root / "shards", shard_size=500, val_fraction=0.0)
+    desc = f"{n} JPEG crops of {len(photos)} {where} photos, {size}x{size}"
+    done.write_text(desc)
+    return desc
+
+
+def simclr_torchvision(out: int):
+    """The SimCLR recipe in torchvision.transforms (PIL, per image)."""
+    from torchvision import transforms as T
+
+    k = max(3, int(0.1 * out))
+    k = k if k % 2 else k + 1
+    return T.Compose([
+        T.RandomResizedCrop(out, scale=(0.2, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
+        T.ToTensor(),
+        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+
+
+class TwoViews:
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self, img):
+        return [self.t(img), self.t(img)]
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) used so far by this process and its live children (the loader
+    workers). Unlike wall time it hardly depends on what else the machine is running. Linux only."""
+    if not os.path.isdir("/proc"):
+        return float("nan")   # the CPU columns read nan
+    t = os.times()
+    total, me, tick = t.user + t.system, str(os.getpid()), os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:   # ppid; then utime, stime at fields 11, 12
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def time_batches(it, n_warm: int, n_timed: int, check):
+    """Steady-state (wall seconds, CPU seconds) for n_timed batches after n_warm untimed ones."""
+    for _ in range(n_warm):
+        check(next(it))
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for _ in range(n_timed):
+        check(next(it))
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def run_ours(shards: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int):
+    from pretrain.config import load_config
+    from pretrain.data import build_train_loader
+
+    cfg = load_config(None, [f"data.train={shards}", f"data.image_size={out}", f"data.num_workers={workers}",
+                             "data.augment_on=worker", f"seed={seed}"])
+    loader = build_train_loader(cfg, 2, batch, n_warm + n_timed, 0, "cpu")
+    it = loader.batches(0)
+
+    def check(b):
+        assert b["views"].shape == (2, batch, 3, out, out) and b["views"].dtype == torch.float32
+
+    dt, cpu = time_batches(it, n_warm, n_timed, check)
+    it.close()   # shuts the workers down
+    return n_timed * batch / dt, n_timed * batch / cpu
+
+
+def run_baseline(folder: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int):
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder), transform=TwoViews(simclr_torchvision(out)))
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(ds, replacement=True, num_samples=(n_warm + n_timed) * batch, generator=g)
+    dl = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+                    prefetch_factor=4 if workers else None)
+    it = iter(dl)
+
+    def check(b):
+        views, _ = b
+        assert len(views) == 2 and views[0].shape == (batch, 3, out, out)
+
+    dt, cpu = time_batches(it, n_warm, n_timed, check)
+    del it
+    return n_timed * batch / dt, n_timed * batch / cpu
+
+
+def bench_data(a) -> int:
+    settings = [tuple(int(x) for x in s.split(":")) for s in a.settings]
+    work = Path(a.work_dir)
+    torch.set_num_threads(1)   # the main process only collects batches; workers do the work
+    rows = []
+    for src, out, batch in settings:
+        root = work / f"img{src}_n{a.images}"
+        desc = make_images(root, a.images, src)
+        log(f"[data] {desc} in {root}; output {out}px, batch {batch}, {a.workers} workers, "
+            f"{a.warmup}+{a.batches} batches per run, {a.reps} reps interleaved")
+        ours, base = [], []
+        for r in range(a.reps):
+            for name, fn, acc in (("ours", run_ours, ours), ("torchvision", run_baseline, base)):
+                path = root / "shards" / "train" if name == "ours" else root / "folder"
+                acc.append(fn(path, out, batch, a.workers, a.warmup, a.batches, seed=r))
+                log(f"  rep {r}: {name:12s} {acc[-1][0]:8.1f} img/s  {acc[-1][1]:8.1f} img/CPU-s  (load {load()})")
+        rows.append((src, out, batch, ours, base))
+    print(f"\nData pipeline: two-view SimCLR augmentation, {a.workers} workers, {a.images} images, "
+          f"{a.reps} interleaved reps, medians ({os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"load average {load()})")
+    print("img/s: source images per second (each delivered as two augmented views), steady state, wall clock;\n"
+          "img/CPU-s: the same per CPU-second of the main process and its workers (less sensitive to other load);\n"
+          "ratio: ours / torchvision, median of the per-rep ratios [min-max]")
+    print(f"{'image':>5} {'out':>4} {'batch':>5} | {'ours img/s':>10} {'tv img/s':>8} {'ratio':>18} | "
+          f"{'ours img/CPU-s':>14} {'tv img/CPU-s':>12} {'ratio':>18}")
+    for src, out, batch, ours, base in rows:
+        cols = []
+        for i in (0, 1):
+            rs = [o[i] / b[i] for o, b in zip(ours, base)]
+            cols.append((med([o[i] for o in ours]), med([b[i] for b in base]), med(rs), min(rs), max(rs)))
+        (o0, b0, r0, lo0, hi0), (o1, b1, r1, lo1, hi1) = cols
+        print(f"{src:>5} {out:>4} {batch:>5} | {o0:10.1f} {b0:8.1f} {r0:5.2f}x [{lo0:4.2f}-{hi0:4.2f}] | "
+              f"{o1:14.1f} {b1:12.1f} {r1:5.2f}x [{lo1:4.2f}-{hi1:4.2f}]")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# engine
+def engine_config(a, run_dir: Path, steps: int):
+    from pretrain.config import load_config
+
+    return load_config(None, [
+        "data.train=unused", f"data.image_size={a.image_size}", f"data.samples_per_epoch={a.batch * 1000}",
+        "method.name=simclr", "method.proj_hidden_dim=512", "method.proj_dim=128", "method.temperature=0.2",
+        "model.name=resnet18", "optim.name=lars", "optim.lr=0.3", "optim.warmup_steps=2",
+        f"train.global_batch_size={a.batch}", f"train.max_steps={steps}", "train.precision=fp32",
+        f"run_dir={run_dir}", "resume=never", "log.every_steps=10", "log.tensorboard=true", "log.progress=false",
+        "checkpoint.every_steps=1000000", "data.val=null",
+    ])
+
+
+class BareLoop:
+    """The same ops as one engine step, written out by hand; `step()` runs one and returns its time."""
+
+    def __init__(self, cfg, batch, steps: int):
+        from pretrain.engine.optim import build_optimizer
+        from pretrain.engine.schedules import scaled_lr
+        from pretrain.methods import create_method
+
+        torch.manual_seed(cfg.seed)
+        dev = batch["views"].device
+        self.model = create_method(cfg).to(dev).train()
+        self.opt = build_optimizer(self.model.param_groups(cfg.optim.weight_decay), cfg.optim)
+        self.peak = scaled_lr(cfg.optim.lr, cfg.train.global_batch_size, cfg.optim.lr_scaling)
+        self.warmup, self.total, self.every = cfg.optim.warmup_steps, steps, cfg.log.every_steps
+        v1, v2 = batch["views"]
+        self.x, self.B, self.i = torch.cat([v1, v2], 0), v1.shape[0], 0
+
+    def step(self) -> float:
+        from pretrain.engine.schedules import warmup_cosine
+        from pretrain.losses import nt_xent
+
+        t0 = time.perf_counter()
+        lr = warmup_cosine(self.i, self.total, self.peak, self.warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        m, B = self.model, self.B
+        z = m.projector(m.backbone(self.x))
+        loss = nt_xent(z[:B], z[B:], m.temperature)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.i += 1
+        if self.i % self.every == 0:
+            loss.item()   # what a bare loop would print
+        sync()
+        return time.perf_counter() - t0
+
+
+class Interleaved:
+    """The engine's data iterator: hands train() the same in-memory batch each step and, before
+    each, runs one bare step. So the two alternate step by step (A, B, A, B, ...): a slow spell of
+    the machine hits both alike. An engine step is timed from handing out one batch to the request
+    for the next, i.e. everything train() does for a step (schedule, forward, backward, optimizer,
+    bookkeeping, logging)."""
+
+    def __init__(self, batch, bare: BareLoop):
+        self.batch, self.bare = batch, bare
+        self.engine_s, self.bare_s, self._t = [], [], None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        sync()
+        t = time.perf_counter()
+        if self._t is not None:
+            self.engine_s.append(t - self._t)
+        self.bare_s.append(self.bare.step())
+        self._t = time.perf_counter()
+        return dict(self.batch)
+
+
+def sync():
+    if torch.cuda.is_available():   # train() runs on the GPU when there is one
+        torch.cuda.synchronize()
+
+
+def run_pair(a, batch, work: Path, rep: int):
+    import logging
+
+    from pretrain.engine.trainer import train
+
+    steps = a.warmup + a.steps
+    cfg = engine_config(a, work / f"run{rep}", steps)
+    data = Interleaved(batch, BareLoop(cfg, batch, steps))
+    train(cfg, data=data)
+    logging.getLogger("pretrain").handlers.clear()
+    # engine step i ran right after bare step i; the engine's last step is not timed (no next request)
+    e, b = data.engine_s[a.warmup:], data.bare_s[a.warmup:len(data.engine_s)]
+    return e, b
+
+
+def bench_engine(a) -> int:
+    torch.set_flush_denormal(True)   # train() sets it too; set for both sides from the start
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    work = Path(a.work_dir) / "engine"
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = {"views": torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g).to(dev),
+             "label": torch.zeros(a.batch, dtype=torch.long), "seed": 0, "epoch": 0, "index": 0}
+    log(f"[engine] SimCLR resnet18 (proj 512-128), LARS, fp32, batch {a.batch} x 2 views at {a.image_size}px, "
+        f"{a.warmup} warmup + {a.steps} timed step pairs per run, {a.reps} reps, {dev}, "
+        f"{torch.get_num_threads()} threads, load average {load()}")
+    eng, bare, ratios, paired = [], [], [], []
+    for r in range(a.reps):
+        e, b = run_pair(a, batch, work, r)
+        eng += e
+        bare += b
+        paired += [x / y for x, y in zip(e, b)]
+        ratios.append(med(e) / med(b))
+        log(f"  rep {r}: pretrain {med(e) * 1e3:7.1f} ms/step   bare {med(b) * 1e3:7.1f} ms/step   "
+            f"ratio {ratios[-1]:.3f}")
+    print(f"\nEngine overhead: {a.reps} reps x {a.steps} interleaved step pairs, batch {a.batch} at {a.image_size}px "
+          f"({dev}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"load average {load()})")
+    print("ratio: pretrain / bare, median over all step pairs (each pair ran back to back); per-rep: ratio of\n"
+          "the rep's median step times [min-max]; fastest: ratio of the fastest steps")
+    print(f"{'pretrain ms/step':>16} {'bare ms/step':>12} | {'ratio':>7} {'per-rep':>13} {'fastest':>8}")
+    print(f"{med(eng) * 1e3:16.1f} {med(bare) * 1e3:12.1f} | {med(paired):6.3f}x "
+          f"[{min(ratios):.3f}-{max(ratios):.3f}] {min(eng) / min(bare):7.3f}x")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="our shard loader vs torchvision ImageFolder + PIL transforms")
+    d.add_argument("--settings", nargs="+", default=["160:96:128", "256:128:64"],
+                   help="IMAGE:OUT:BATCH (source image side, output side, batch size); default: %(default)s")
+    d.add_argument("--images", type=int, default=3000)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--warmup", type=int, default=2, help="untimed batches per run (worker start-up)")
+    d.add_argument("--batches", type=int, default=8,
+                   help="timed batches per run (a multiple of --workers: workers deliver in rounds)")
+    d.add_argument("--reps", type=int, default=5)
+    e = sub.add_parser("engine", help="pretrain train step vs a bare PyTorch loop")
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--image-size", type=int, default=32)
+    e.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    e.add_argument("--steps", type=int, default=20, help="timed step pairs per run")
+    e.add_argument("--reps", type=int, default=5)
+    e.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, = cores)")
+    for s in (d, e):
+        s.add_argument("--quick", action="store_true", help="a fast smoke run (small and noisy)")
+        s.add_argument("--work-dir", help="where to write images and runs, kept (default: a temporary dir, removed)")
+    a = p.parse_args(argv)
+    if a.quick and a.cmd == "data":
+        a.settings, a.images, a.warmup, a.batches, a.reps = ["96:64:32"], 300, 2, 4, 1
+    if a.quick and a.cmd == "engine":
+        a.batch, a.warmup, a.steps, a.reps = 16, 2, 3, 1
+    run = bench_data if a.cmd == "data" else bench_engine
+    if a.work_dir:
+        return run(a)
+    with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as d:
+        a.work_dir = d
+        return run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
