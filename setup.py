@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={
         "quickstart": ["scikit-learn>=1.2"],
+        "bench": ["scikit-image>=0.21"],  # sample photos for scripts/bench.py data
         "test": ["pytest>=7", "pytest-timeout>=2.1", "scikit-learn>=1.2"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},

@@ -13,7 +13,7 @@ STAMP=.venv/.pretrain-installed
 WANT="$(sha1sum setup.py | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[setup] installing pretrain and its dependencies into .venv (torch, timm, deepspeed...: a few minutes the first time)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,quickstart]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,quickstart,bench]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
