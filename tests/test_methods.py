@@ -1,0 +1,56 @@
+"""Every registered method, timm-style: builds from a config, trains a step, exports a backbone.
+Also: any timm model by name, a ViT with img_size included."""
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.methods import METHODS, create_method
+from pretrain.models import ModelError, create_backbone
+
+SMALL = ["data.train=unused", "model.name=resnet10t", "data.image_size=16"]
+
+
+def _batch(method, size=16, B=8):
+    torch.manual_seed(0)
+    return {"views": torch.randn(method.num_views, B, 3, size, size), "label": torch.zeros(B, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_registered_method_trains_and_exports(name):
+    cfg = load_config(None, SMALL + [f"method.name={name}"])
+    method = create_method(cfg)
+    batch = _batch(method)
+    opt = torch.optim.SGD([p for g in method.param_groups(0.0) for p in g["params"]], lr=0.05)
+    losses = []
+    for _ in range(4):   # the same batch a few times: the loss must go down
+        loss = method.training_step(batch)["loss"]
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(1, 10)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    backbone = method.export_backbone()
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, backbone.num_features)
+    # param groups: no weight decay on 1-D parameters (biases, norms)
+    nodecay = {id(p) for g in method.param_groups(0.1) if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(id(p) in nodecay for p in method.parameters() if p.ndim == 1)
+
+
+def test_vit_backbone_with_img_size_trains_under_simclr():
+    cfg = load_config(None, ["data.train=unused", "model.name=vit_tiny_patch16_224", "data.image_size=32",
+                             "model.kwargs.img_size=32", "model.kwargs.patch_size=8", "model.kwargs.depth=2",
+                             "method.proj_hidden_dim=64"])
+    method = create_method(cfg)
+    loss = method.training_step(_batch(method, size=32))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert method.backbone.patch_embed.patch_size == (8, 8)
+
+
+def test_unknown_and_unbuildable_models_are_clear_errors():
+    with pytest.raises(ModelError, match="unknown timm model 'resnet19'.*resnet18"):
+        create_backbone("resnet19")
+    with pytest.raises(ModelError, match="could not build"):
+        create_backbone("resnet18", {"no_such_argument": 1})
