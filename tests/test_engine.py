@@ -269,3 +269,24 @@ def test_plan_batch_and_steps(digits_shards):
     p = plan(cfg, 2)
     assert p["local_batch"] == 16 and p["steps_per_epoch"] == n // 64
     assert p["total"] == 3 * (n // 64) and p["warmup"] == n // 64
+
+
+def test_ddp_backend_clips_the_global_grad_norm():
+    """train.clip_grad bounds the update: the returned norm is the pre-clip norm, the applied
+    gradient's norm is at most clip_grad."""
+    from pretrain.config import load_config
+    from pretrain.engine.backends import DDPBackend
+    from pretrain.methods import create_method
+
+    cfg = load_config(None, ["data.train=unused", "model.name=resnet10t", "method.proj_hidden_dim=32",
+                             "train.clip_grad=0.05", "optim.name=sgd", "optim.momentum=0.0", "optim.weight_decay=0"])
+    torch.manual_seed(0)
+    backend = DDPBackend(create_method(cfg), cfg, torch.device("cpu"))
+    backend.set_lr(1.0)
+    before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
+    batch = {"views": torch.randn(2, 8, 3, 16, 16)}
+    backend.backward(backend.forward(batch)["loss"])
+    norm = backend.step()
+    assert float(norm) > 0.05                  # the raw gradient is larger than the bound...
+    update = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in backend.module.named_parameters()))
+    assert float(update) == pytest.approx(0.05, rel=1e-3)   # ...and plain SGD at lr 1 moved by exactly the bound

@@ -135,13 +135,15 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
         logger.advance()
 
         if log_now:
-            mean = pdist.all_reduce_mean(losses_sum / n_logged).tolist()
+            # one collective: the rank-mean of the losses, and of the corrupt-sample counts (x W = sum)
+            skipped = torch.tensor([float(loader.skipped if loader else 0)], device=losses_sum.device)
+            *mean, skipped = pdist.all_reduce_mean(torch.cat([losses_sum / n_logged, skipped])).tolist()
             elapsed = time.perf_counter() - t_last
             metrics = dict(zip(losses.keys(), mean))
             metrics.update(lr=lr, grad_norm=float(grad_norm), epoch=step / p["steps_per_epoch"],
                            images_per_s=n_logged * p["local_batch"] * env.world_size / elapsed,
                            data_wait_frac=wait / elapsed, memory_mb=memory_mb(device),
-                           skipped_samples=loader.skipped if loader else 0)
+                           skipped_samples=round(skipped * env.world_size))
             logger.scalars(done, metrics)
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
         if cfg.data.val and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
