@@ -53,7 +53,7 @@ def memory_mb(device) -> float:
 
 
 @torch.no_grad()
-def knn_monitor(backend, cfg, device, dtype) -> float:
+def knn_monitor(backend, cfg) -> float:
     """kNN top-1 on data.val with data.train as the memory bank; every rank extracts its share."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = backend.eval_module()   # ranks see different numbers of batches: no collectives inside
@@ -62,7 +62,7 @@ def knn_monitor(backend, cfg, device, dtype) -> float:
     out = []
     for spec, key in ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")):
         loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key)
-        out.append(extract_features(model.features, loader, device, cfg.data.mean, cfg.data.std, dtype))
+        out.append(extract_features(model.features, loader, backend.device, cfg.data.mean, cfg.data.std, backend.dtype))
     model.train(was_training)
     if world > 1:   # gather everyone's features on every rank
         parts = [None] * world
@@ -147,7 +147,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
             logger.scalars(done, metrics)
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
         if cfg.data.val and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
-            metrics["knn_top1"] = knn_monitor(backend, cfg, device, backend.dtype)
+            metrics["knn_top1"] = knn_monitor(backend, cfg)
             logger.scalars(done, {"knn_top1": metrics["knn_top1"]}, prefix="eval/")
             t_last = time.perf_counter()
         if done % cfg.checkpoint.every_steps == 0 or done == p["total"]:
