@@ -111,5 +111,13 @@ def broadcast_object(obj, src: int = 0):
 
 
 def cleanup() -> None:
+    """Tear the process group down on every rank together.
+
+    The barrier matters with gloo: a rank that destroys its group while a peer is still busy (e.g.
+    rank 0 writing a file) can make the peer's transport thread abort the process at exit."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

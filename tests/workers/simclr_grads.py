@@ -60,4 +60,7 @@ result["bn"] = {"parts": parts, "dw": dw, "db": db, "running_mean": bn.running_m
 
 if rank == 0:
     torch.save(result, out)
+# DDP must die before its process group: a reducer outliving the group aborts the process at exit
+# ("terminate called without an active exception") about one run in eight.
+del ddp, loss
 pdist.cleanup()
