@@ -265,7 +265,7 @@ class BareLoop:
 
     def __init__(self, cfg, batch, steps: int):
         from pretrain.engine.optim import build_optimizer
-        from pretrain.engine.schedules import scaled_lr
+        from pretrain.schedules import scaled_lr
         from pretrain.methods import create_method
 
         torch.manual_seed(cfg.seed)
@@ -278,7 +278,7 @@ class BareLoop:
         self.x, self.B, self.i = torch.cat([v1, v2], 0), v1.shape[0], 0
 
     def step(self) -> float:
-        from pretrain.engine.schedules import warmup_cosine
+        from pretrain.schedules import warmup_cosine
         from pretrain.losses import nt_xent
 
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from helpers import WORKERS, cli, run, tb_scalars, tmp_debris, train_overrides
 from pretrain.config import load_config
 from pretrain.engine.checkpoint import PATTERN, find_checkpoint, list_checkpoints
 from pretrain.engine.optim import LARS, build_optimizer
-from pretrain.engine.schedules import cosine, scaled_lr, warmup_cosine
+from pretrain.schedules import cosine, scaled_lr, warmup_cosine
 
 
 def _ckpt_names(run_dir):

@@ -34,8 +34,11 @@ def test_registered_method_trains_and_exports(name):
     backbone = method.export_backbone()
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, backbone.num_features)
     # param groups: no weight decay on 1-D parameters (biases, norms)
-    nodecay = {id(p) for g in method.param_groups(0.1) if g["weight_decay"] == 0 for p in g["params"]}
-    assert all(id(p) in nodecay for p in method.parameters() if p.ndim == 1)
+    groups = method.param_groups(0.1)
+    nodecay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(id(p) in nodecay for p in method.parameters() if p.ndim == 1 and p.requires_grad)
+    # frozen parameters (momentum encoders) are never handed to the optimizer
+    assert all(p.requires_grad for g in groups for p in g["params"])
 
 
 def test_vit_backbone_with_img_size_trains_under_simclr():

@@ -241,7 +241,11 @@ class TrainLoader:
         epoch, ds.start = divmod(start, n)
         while True:
             ds.epoch = epoch
+            # Our own generator: a DataLoader draws its workers' base seed from it, which would
+            # otherwise move the global RNG that methods use (MoCo's shuffle, drop-path) and break
+            # exact resume. The batches do not depend on it (they carry their own seeds).
             loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                generator=torch.Generator().manual_seed(epoch),
                                 pin_memory=self.device.type == "cuda",
                                 prefetch_factor=4 if self.num_workers else None)
             for batch in loader:
@@ -296,4 +300,5 @@ def eval_loader(spec, batch_size: int, image_size: int, num_workers: int = 0, ra
                 max_samples: Optional[int] = None, key: str = "data.val") -> DataLoader:
     urls = [u for s in expand_sources(spec, key) for u in s.urls]
     ds = EvalBatches(urls, batch_size, image_size, rank, world, max_samples)
-    return DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(urls)))
+    return DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(urls)),
+                      generator=torch.Generator().manual_seed(0))   # leaves the global RNG alone (see TrainLoader)

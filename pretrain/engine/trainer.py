@@ -19,7 +19,7 @@ from pretrain.data import build_train_loader, count_samples, eval_loader
 from pretrain.engine.backends import create_backend
 from pretrain.engine.checkpoint import Checkpointer
 from pretrain.engine.logger import RunLogger, log, setup_text_log
-from pretrain.engine.schedules import scaled_lr, warmup_cosine
+from pretrain.schedules import scaled_lr, warmup_cosine
 from pretrain.evaluation import extract_features, knn_accuracy
 from pretrain.methods import create_method
 from pretrain.models import convert_sync_bn

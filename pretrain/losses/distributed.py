@@ -74,3 +74,28 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_info()[1])]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, 0)
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x: torch.Tensor):
+    """Shuffle-BN, step 1 (MoCo): gather [B, ...] from all W ranks, permute the W*B samples at
+    random (rank 0 draws the permutation), and give each rank B of them. Returns (x_shuffled [B, ...],
+    perm [W*B]); hand `perm` to `unshuffle_across_ranks` to put the outputs back. One process: a
+    local permutation."""
+    rank, world = world_info()
+    x_all = gather_no_grad(x)                                            # [W*B, ...]
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    if world > 1:
+        dist.broadcast(perm, 0)                                          # the same permutation everywhere
+    return x_all[perm.view(world, -1)[rank]], perm
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Shuffle-BN, step 2: y [B, ...] computed from this rank's shuffled samples -> the outputs of
+    this rank's own original samples, in their original order."""
+    rank, world = world_info()
+    y_all = gather_no_grad(y)                                            # row j belongs to sample perm[j]
+    out = torch.empty_like(y_all)
+    out[perm] = y_all
+    return out.view(world, -1, *y.shape[1:])[rank]

@@ -1,10 +1,10 @@
-"""NT-Xent / InfoNCE (SimCLR) in cross-entropy form, with negatives from all ranks."""
+"""Contrastive losses: NT-Xent (SimCLR), InfoNCE against keys from all ranks (MoCo v3, CPC), and MoCo's queue loss."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.distributed import gather_with_grad, world_info
+from pretrain.losses.distributed import gather_no_grad, gather_with_grad, world_info
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,3 +30,31 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     pos_idx = torch.cat([local + N, local])                            # its other view
     logits = logits.scatter(1, self_idx[:, None], float("-inf"))       # never contrast with itself
     return F.cross_entropy(logits, pos_idx)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, grad_through_keys: bool = True) -> torch.Tensor:
+    """InfoNCE where query q[i]'s positive is key k[i] and every other key, on every rank, is a negative.
+
+    q, k: [N, D] on this rank (L2-normalised here). Keys are gathered from all W ranks into
+    [W*N, D]: with gradients when they come from the network being trained (CPC's targets), without
+    when they come from a momentum encoder (MoCo v3). Returns the mean loss over the N local queries.
+    """
+    rank, world = world_info()
+    N = q.shape[0]
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.float(), dim=1)
+    keys = gather_with_grad(k) if grad_through_keys else gather_no_grad(k)     # [W*N, D]
+    logits = q @ keys.t() / temperature                                          # [N, W*N]
+    labels = torch.arange(N, device=q.device) + rank * N                         # positives: our own rows
+    return F.cross_entropy(logits, labels)
+
+
+def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's loss: q[i] against its key k[i] (positive) and the K keys of a queue (negatives).
+
+    q, k: [B, D] L2-normalised (k without gradient); queue: [K, D] L2-normalised.
+    """
+    l_pos = (q * k).sum(1, keepdim=True)                                         # [B, 1]
+    l_neg = q @ queue.t()                                                        # [B, K]
+    logits = torch.cat([l_pos, l_neg], 1) / temperature                          # [B, 1+K]
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))

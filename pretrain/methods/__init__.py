@@ -1,22 +1,30 @@
 """Methods, found by name through `METHODS`. Importing this package registers them all."""
 from __future__ import annotations
 
+import inspect
+
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
-from pretrain.methods import simclr  # noqa: F401  (registers)
+from pretrain.methods import cpc, moco_v2, moco_v3, simclr  # noqa: F401  (registers)
 
 
 def create_method(cfg) -> Method:
     """Build the method named by `cfg.method.name` around `create_backbone(cfg.model...)`.
 
     `cfg` is the resolved run config (pretrain.config.load_config); the method's constructor
-    receives its own `method.*` keys as keyword arguments.
+    receives its own `method.*` keys as keyword arguments, plus `image_size=cfg.data.image_size`
+    when it takes one (CPC, to lay out its patch grid).
     """
-    from pretrain.models import create_backbone
+    from pretrain.models import check_input_size, create_backbone
 
+    cls = METHODS.get(cfg.method.name)
     backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem)
     kwargs = {k: v for k, v in dict(cfg.method).items() if k != "name"}
-    return METHODS.get(cfg.method.name)(backbone, **kwargs)
+    if "image_size" in inspect.signature(cls.__init__).parameters:
+        kwargs["image_size"] = cfg.data.image_size
+    method = cls(backbone, **kwargs)
+    check_input_size(backbone, method.backbone_input_size(cfg.data.image_size), cfg.model.name)
+    return method
 
 
 __all__ = ["METHODS", "Method", "create_method"]

@@ -29,6 +29,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ---- optional hooks -------------------------------------------------------------------------
+    def backbone_input_size(self, image_size: int) -> int:
+        """The side of the images the backbone sees, given data.image_size (CPC: its patches)."""
+        return image_size
+
     def param_groups(self, weight_decay: float) -> List[dict]:
         """Weight decay on weights; none on biases and norm parameters (any 1-D tensor)."""
         decay, no_decay = [], []

@@ -21,6 +21,30 @@ def check_model_name(name: str) -> None:
     raise ModelError(f"unknown timm model '{name}'{hint} (list them with: python -c \"import timm; print(timm.list_models('*res*'))\")")
 
 
+def check_patch_size(model: nn.Module, name: str) -> None:
+    """ViT-style models: the image side must be a multiple of the patch size (timm would silently
+    drop the remainder)."""
+    pe = getattr(model, "patch_embed", None)
+    img, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if img is None or patch is None:
+        return
+    for i, p in zip(img, patch):
+        if i % p:
+            raise ModelError(f"model.kwargs.img_size={i} is not divisible by the patch size {p} of '{name}'; "
+                             f"use a multiple of {p} (e.g. {max(p, i // p * p)}) or set model.kwargs.patch_size")
+
+
+def check_input_size(model: nn.Module, size: int, name: str) -> None:
+    """A fixed-size ViT must be built for the size it will be fed (data.image_size, or a method's patches)."""
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    if img is None or getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
+        return
+    if tuple(img) != (size, size):
+        raise ModelError(f"'{name}' is built for {img[0]} px inputs but will get {size} px; "
+                         f"set model.kwargs.img_size={size}")
+
+
 def create_backbone(name: str, kwargs: Optional[dict] = None, cifar_stem: bool = False) -> nn.Module:
     """Create a timm model without classifier; `model.num_features` is its feature width.
 
@@ -37,6 +61,7 @@ def create_backbone(name: str, kwargs: Optional[dict] = None, cifar_stem: bool =
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except (TypeError, AssertionError, ValueError) as e:
         raise ModelError(f"timm could not build '{name}' with model.kwargs={kwargs}: {e}") from None
+    check_patch_size(model, name)
     if cifar_stem:
         if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
             raise ModelError(f"model.cifar_stem=true needs a timm ResNet; '{name}' has no conv1/maxpool")
