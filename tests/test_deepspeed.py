@@ -1,5 +1,6 @@
 """The DeepSpeed backend on 2 real CPU ranks (gloo): ZeRO-2 fp32 reproduces DDP, bf16 tracks it,
-ZeRO-3 checkpoints export to timm (and its kNN monitor works). DeepSpeed JIT-builds a small
+ZeRO-3 checkpoints export to timm (and its kNN monitor works), MoCo's momentum encoder under ZeRO-3
+matches DDP's. DeepSpeed JIT-builds a small
 communication op on first use, hence the long timeouts."""
 from __future__ import annotations
 
@@ -99,6 +100,40 @@ def test_zero3_monitor_and_export_to_timm(tmp_path, zero3_run, ddp_run):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), ref(x),
                                    rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ MoCo v2 under ZeRO-3
+MOCO = dict(method__name="moco_v2", method__queue_size=100, method__momentum=0.5, method__proj_hidden_dim=32,
+            method__proj_dim=16)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_moco_v2_momentum_encoder_under_zero3_matches_ddp(tmp_path_factory, tmp_path, digits_shards, experiment):
+    """The key encoder is partitioned like the query encoder and updated slice by slice on each rank.
+    From the same start, after 3 steps its weights (exported with --which key) equal DDP's, and the
+    losses (which see the key encoder through the positives and the queue) agree at every step."""
+    ddp, _ = _run(tmp_path_factory, digits_shards, experiment, "moco_ddp", **MOCO)
+    z3, _ = _run(tmp_path_factory, digits_shards, experiment, "moco_zero3", train__backend="deepspeed",
+                 deepspeed__zero_stage=3, **MOCO)
+    want, got = tb_scalars(ddp), tb_scalars(z3)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), (s, got, want)
+
+    ddp_state = torch.load(find_checkpoint(ddp), map_location="cpu", weights_only=True)["model"]
+    for which, prefix in [("key", "key_backbone."), ("default", "backbone.")]:
+        out = tmp_path / f"{which}.safetensors"
+        cli("export", z3, "--out", out, "--which", which, check=True)
+        exported = load_file(str(out))
+        ref = {k[len(prefix):]: v for k, v in ddp_state.items() if k.startswith(prefix)}
+        assert set(exported) == set(ref)
+        for k in exported:
+            torch.testing.assert_close(exported[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"{which}: {k}")
+        assert json.loads(out.with_suffix(".json").read_text())["which"] == which
+    # the key encoder did move (m=0.5), and is not simply the query encoder
+    key = {k: v for k, v in ddp_state.items() if k.startswith("key_backbone.") and "running" not in k and v.is_floating_point()}
+    assert any(not torch.equal(v, ddp_state[k.replace("key_", "", 1)]) for k, v in key.items())
 
 
 # ------------------------------------------------------------------------------------------------ config only

@@ -6,7 +6,8 @@ Under DeepSpeed ZeRO-3 every parameter is partitioned: each rank holds a flat sl
 of it, and two parameters of the same shape are sliced identically. So the momentum copy is kept
 *partitioned in step with* the online network and updated slice by slice on each rank, with no
 communication and no gathered copy of the whole model (its forward gathers its weights like any
-ZeRO-3 module). With DDP and ZeRO-1/2 parameters are replicated and the full tensors are updated.
+ZeRO-3 module). Small parameters that ZeRO-3 keeps whole on every rank ("persistent") have their
+full copy updated as well. With DDP and ZeRO-1/2 parameters are replicated and the full tensors are updated.
 
 When the weights are bf16/fp16 (DeepSpeed's half-precision modules), an fp32 master of the target
 is kept: at m = 0.99..0.9999 the per-step change is below bf16's resolution and a half-precision
@@ -30,9 +31,21 @@ def momentum_copy(module: nn.Module) -> nn.Module:
     return target
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+def _available(p: torch.Tensor) -> bool:
+    return getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"
+
+
+def _views(t: torch.Tensor, o: torch.Tensor):
+    """The (target, online) tensors to update for one parameter pair: the full tensors normally; under
+    ZeRO-3 this rank's partitions, plus the full tensors while they are materialised on every rank
+    (ZeRO-3 keeps small "persistent" parameters whole after their first forward and would not
+    re-gather a frozen one, so its full copy must be updated too, identically)."""
+    if not hasattr(t, "ds_tensor"):
+        return [("full", t.data, o.data)]
+    views = [("part", t.ds_tensor, o.ds_tensor)]
+    if _available(t) and _available(o):
+        views.append(("full", t.data, o.data))
+    return views
 
 
 class EMA:
@@ -50,21 +63,23 @@ class EMA:
         shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))   # noqa: E731  (ZeRO-3 keeps the full shape here)
         if len(t) != len(o) or any(shape(a) != shape(b) for a, b in zip(t, o)):
             raise ValueError("EMA target and online networks have different parameters")
-        # (target, online, fp32 master of the target or None when the target is fp32 already)
-        self._pairs = [(a, b, _local(a).float().clone() if _local(a).dtype != torch.float32 else None)
-                       for a, b in zip(t, o)]
+        self._pairs = list(zip(t, o))
+        self._masters = {}   # (pair index, "part"|"full") -> fp32 master, for half-precision targets
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         if self._pairs is None:
             self._setup()
-        for t, o, master in self._pairs:
-            tl, ol = _local(t), _local(o)                      # same shape: full tensors or matching slices
-            if master is None:
-                tl.mul_(momentum).add_(ol, alpha=1 - momentum)
-            else:
-                master.mul_(momentum).add_(ol.float(), alpha=1 - momentum)
-                tl.copy_(master)
+        for i, (t, o) in enumerate(self._pairs):
+            for kind, tv, ov in _views(t, o):
+                if tv.dtype == torch.float32:
+                    tv.mul_(momentum).add_(ov, alpha=1 - momentum)
+                    continue
+                master = self._masters.get((i, kind))
+                if master is None:
+                    master = self._masters[(i, kind)] = tv.float()
+                master.mul_(momentum).add_(ov.float(), alpha=1 - momentum)
+                tv.copy_(master)
         if self.copy_buffers:
             for tb, ob in zip(self.target.buffers(), self.online.buffers()):
                 tb.copy_(ob)
