@@ -60,26 +60,40 @@ def method_defaults(name: str) -> dict:
     return {"name": name, **getattr(cls, "defaults", {})}
 
 
+def _load_experiment(path: Path, seen=()) -> List[tuple]:
+    """[(layer, source), ...] for an experiment file and the `_base_` files it extends, bases first.
+    `_base_: other.yaml` is relative to the file that names it."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass a YAML such as configs/simclr_resnet18.yaml")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} extends itself through _base_; remove the cycle")
+    layer = OmegaConf.load(path)
+    base = layer.pop("_base_", None)
+    layers = _load_experiment(path.parent / base, seen + (path.resolve(),)) if base else []
+    return layers + [(layer, str(path))]
+
+
 def load_config(experiment: Optional[str] = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Load defaults, then the experiment file, then `key=value` overrides; validate keys.
+    """Load defaults, then the experiment file (after the `_base_` files it extends), then
+    `key=value` overrides; validate keys.
 
     The `method` section is extended with the defaults that the chosen method declares, so that
-    each method owns its hyper-parameters.
+    each method owns its hyper-parameters. A layer that switches `method.name` drops the method
+    keys of the layers before it (they belong to another method): `configs/quickstart_digits.yaml
+    method.name=cpc` is CPC with CPC's defaults.
     """
     cfg = OmegaConf.load(DEFAULTS)
-    layers = []
-    if experiment:
-        path = Path(experiment)
-        if not path.is_file():
-            raise ConfigError(f"config file {experiment} not found; pass a YAML such as configs/simclr_resnet18.yaml")
-        layers.append((OmegaConf.load(path), str(path)))
+    layers = _load_experiment(Path(experiment)) if experiment else []
     layers.append((_parse_overrides(list(overrides)), "command-line overrides"))
     # The method name decides which method keys are valid, so find it first.
-    name = cfg.method.name
+    name, names = cfg.method.name, []
     for layer, _ in layers:
         name = OmegaConf.select(layer, "method.name", default=name)
+        names.append(name)
     cfg.method = OmegaConf.create(method_defaults(name))
-    for layer, source in layers:
+    for (layer, source), layer_name in zip(layers, names):
+        if layer_name != name and "method" in layer:
+            layer = OmegaConf.masked_copy(layer, [k for k in layer.keys() if k != "method"])
         _check_keys(cfg, layer, source)
         cfg = OmegaConf.merge(cfg, layer)
     missing = sorted(OmegaConf.missing_keys(cfg))

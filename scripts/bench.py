@@ -2,7 +2,8 @@
 """Side-by-side benchmarks: each prints ratios measured in one run, A and B interleaved, medians.
 
     python scripts/bench.py data   [--quick]   # our shard loader vs torchvision ImageFolder + PIL SimCLR transform
-    python scripts/bench.py engine [--quick]   # `pretrain` train step vs a hand-written PyTorch loop
+    python scripts/bench.py engine [--quick] [--method simclr|moco_v2]
+                                               # `pretrain` train step vs a hand-written PyTorch loop
 
 Results and settings are in docs/benchmarks.md. `--quick` is a seconds-long smoke run (tiny
 sizes, one rep): it checks that both sides run, its figures mean little.
@@ -20,7 +21,9 @@ main process and its workers (the latter depends much less on other load on the 
 alternate ours, baseline, ours, baseline...
 
 engine: pretrain.engine.trainer.train() fed a fixed in-memory batch (its `data=` argument) vs a bare
-loop with the same SimCLR model, NT-Xent loss, LARS optimizer, LR schedule and batch. The two
+loop with the same model, loss, LARS optimizer, LR schedule and batch, written out by hand: for
+SimCLR, NT-Xent; for MoCo v2, split-BN query and (shuffled) key forwards, the queue loss, the
+enqueue and the momentum update of the key encoder after every optimizer step. The two
 alternate step by step (the bare step runs inside the iterator that feeds train()), so a busy
 spell of the machine hits both alike. An engine step is timed from handing out its batch to the
 request for the next one: everything the loop does for one step (schedule, forward, backward,
@@ -247,12 +250,18 @@ def bench_data(a) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # engine
+METHOD_OVERRIDES = {
+    "simclr": ["method.name=simclr", "method.proj_hidden_dim=512", "method.proj_dim=128", "method.temperature=0.2"],
+    "moco_v2": ["method.name=moco_v2", "method.proj_hidden_dim=512", "method.proj_dim=128", "method.temperature=0.2",
+                "method.queue_size=4096", "method.momentum=0.99", "method.split_bn_groups=4"],
+}
+
+
 def engine_config(a, run_dir: Path, steps: int):
     from pretrain.config import load_config
 
-    return load_config(None, [
+    return load_config(None, METHOD_OVERRIDES[a.method] + [
         "data.train=unused", f"data.image_size={a.image_size}", f"data.samples_per_epoch={a.batch * 1000}",
-        "method.name=simclr", "method.proj_hidden_dim=512", "method.proj_dim=128", "method.temperature=0.2",
         "model.name=resnet18", "optim.name=lars", "optim.lr=0.3", "optim.warmup_steps=2",
         f"train.global_batch_size={a.batch}", f"train.max_steps={steps}", "train.precision=fp32",
         f"run_dir={run_dir}", "resume=never", "log.every_steps=10", "log.tensorboard=true", "log.progress=false",
@@ -265,32 +274,63 @@ class BareLoop:
 
     def __init__(self, cfg, batch, steps: int):
         from pretrain.engine.optim import build_optimizer
-        from pretrain.schedules import scaled_lr
         from pretrain.methods import create_method
+        from pretrain.schedules import scaled_lr
 
         torch.manual_seed(cfg.seed)
-        dev = batch["views"].device
-        self.model = create_method(cfg).to(dev).train()
+        self.model = create_method(cfg).to(batch["views"].device).train()
         self.opt = build_optimizer(self.model.param_groups(cfg.optim.weight_decay), cfg.optim)
         self.peak = scaled_lr(cfg.optim.lr, cfg.train.global_batch_size, cfg.optim.lr_scaling)
         self.warmup, self.total, self.every = cfg.optim.warmup_steps, steps, cfg.log.every_steps
-        v1, v2 = batch["views"]
-        self.x, self.B, self.i = torch.cat([v1, v2], 0), v1.shape[0], 0
+        self.v1, self.v2 = batch["views"]
+        self.i, self.method = 0, cfg.method.name
+        if self.method == "moco_v2":
+            m = self.model
+            self.queue, self.ptr, self.groups = m.queue.clone().to(self.v1.device), 0, cfg.method.split_bn_groups
+            self.key_params = list(m.key_backbone.parameters()) + list(m.key_projector.parameters())
+            self.query_params = list(m.backbone.parameters()) + list(m.projector.parameters())
+
+    def simclr_loss(self):
+        from pretrain.losses import nt_xent
+
+        m, B = self.model, self.v1.shape[0]
+        z = m.projector(m.backbone(torch.cat([self.v1, self.v2], 0)))
+        return nt_xent(z[:B], z[B:], m.temperature)
+
+    def moco_v2_loss(self):
+        import torch.nn.functional as F
+
+        m, G, B = self.model, self.groups, self.v1.shape[0]
+        q = F.normalize(torch.cat([m.projector(m.backbone(c)) for c in self.v1.tensor_split(G)]), dim=1)
+        with torch.no_grad():   # split-BN: keys in shuffled groups, then back in order
+            perm = torch.randperm(B, device=self.v1.device)
+            k = torch.cat([m.key_projector(m.key_backbone(c)) for c in self.v2[perm].tensor_split(G)])
+            k = F.normalize(torch.empty_like(k).index_copy_(0, perm, k), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.t()], 1) / m.temperature
+        loss = F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=q.device))
+        K = self.queue.shape[0]
+        self.queue = self.queue.index_copy(0, (self.ptr + torch.arange(B, device=k.device)) % K, k)
+        self.ptr = (self.ptr + B) % K
+        return loss
+
+    def moco_v2_after(self):
+        with torch.no_grad():   # the reference implementation's momentum update
+            for pk, pq in zip(self.key_params, self.query_params):
+                pk.mul_(0.99).add_(pq, alpha=0.01)
 
     def step(self) -> float:
         from pretrain.schedules import warmup_cosine
-        from pretrain.losses import nt_xent
 
         t0 = time.perf_counter()
         lr = warmup_cosine(self.i, self.total, self.peak, self.warmup)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        m, B = self.model, self.B
-        z = m.projector(m.backbone(self.x))
-        loss = nt_xent(z[:B], z[B:], m.temperature)
+        loss = getattr(self, f"{self.method}_loss")()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.method == "moco_v2":
+            self.moco_v2_after()
         self.i += 1
         if self.i % self.every == 0:
             loss.item()   # what a bare loop would print
@@ -351,7 +391,7 @@ def bench_engine(a) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = {"views": torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g).to(dev),
              "label": torch.zeros(a.batch, dtype=torch.long), "seed": 0, "epoch": 0, "index": 0}
-    log(f"[engine] SimCLR resnet18 (proj 512-128), LARS, fp32, batch {a.batch} x 2 views at {a.image_size}px, "
+    log(f"[engine] {a.method} resnet18 (proj 512-128), LARS, fp32, batch {a.batch} x 2 views at {a.image_size}px, "
         f"{a.warmup} warmup + {a.steps} timed step pairs per run, {a.reps} reps, {dev}, "
         f"{torch.get_num_threads()} threads, load average {load()}")
     eng, bare, ratios, paired = [], [], [], []
@@ -363,7 +403,7 @@ def bench_engine(a) -> int:
         ratios.append(med(e) / med(b))
         log(f"  rep {r}: pretrain {med(e) * 1e3:7.1f} ms/step   bare {med(b) * 1e3:7.1f} ms/step   "
             f"ratio {ratios[-1]:.3f}")
-    print(f"\nEngine overhead: {a.reps} reps x {a.steps} interleaved step pairs, batch {a.batch} at {a.image_size}px "
+    print(f"\nEngine overhead, {a.method}: {a.reps} reps x {a.steps} interleaved step pairs, batch {a.batch} at {a.image_size}px "
           f"({dev}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load()})")
     print("ratio: pretrain / bare, median over all step pairs (each pair ran back to back); per-rep: ratio of\n"
@@ -388,6 +428,7 @@ def main(argv=None) -> int:
                    help="timed batches per run (a multiple of --workers: workers deliver in rounds)")
     d.add_argument("--reps", type=int, default=5)
     e = sub.add_parser("engine", help="pretrain train step vs a bare PyTorch loop")
+    e.add_argument("--method", choices=sorted(METHOD_OVERRIDES), default="simclr")
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--image-size", type=int, default=32)
     e.add_argument("--warmup", type=int, default=3, help="untimed steps per run")

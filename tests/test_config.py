@@ -1,6 +1,8 @@
 """Config layering (defaults <- experiment <- overrides), key validation and where the resolved config is saved."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -95,3 +97,32 @@ def test_resolved_config_saved_in_run_dir_and_checkpoint(ref_run, experiment):
     assert state["config"] == expected
     # the saved config is a complete, valid experiment file: it reproduces itself
     assert to_dict(load_config(str(run_dir / "config.yaml"))) == expected
+
+
+# ------------------------------------------------------------------------------------------------ _base_ and configs/
+def test_base_file_is_extended_and_switching_method_drops_its_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("method:\n  name: simclr\n  proj_hidden_dim: 77\ntrain:\n  epochs: 3\n"
+                                        "data:\n  train: x\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  epochs: 5\n")
+    (tmp_path / "cpc.yaml").write_text("_base_: child.yaml\nmethod:\n  name: cpc\n  pred_steps: 1\n")
+    child = load_config(str(tmp_path / "child.yaml"))
+    assert child.train.epochs == 5 and child.method.proj_hidden_dim == 77 and child.data.train == "x"
+    cpc = load_config(str(tmp_path / "cpc.yaml"))
+    assert cpc.method.name == "cpc" and cpc.method.pred_steps == 1 and "proj_hidden_dim" not in cpc.method
+    # the same from the command line: a simclr experiment, method.name=moco_v2
+    moco = load_config(str(tmp_path / "child.yaml"), ["method.name=moco_v2", "method.queue_size=8"])
+    assert moco.method.queue_size == 8 and moco.method.proj_hidden_dim == 2048   # MoCo's own default
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_builds_its_method(path):
+    from pretrain.methods import METHODS, create_method
+
+    cfg = load_config(str(path))
+    assert type(create_method(cfg)) is METHODS.get(cfg.method.name)

@@ -107,13 +107,19 @@ MOCO = dict(method__name="moco_v2", method__queue_size=100, method__momentum=0.5
             method__proj_dim=16)
 
 
+@pytest.fixture(scope="module")
+def moco_ddp_run(tmp_path_factory, digits_shards, experiment):
+    return _run(tmp_path_factory, digits_shards, experiment, "moco_ddp", **MOCO)[0]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_moco_v2_momentum_encoder_under_zero3_matches_ddp(tmp_path_factory, tmp_path, digits_shards, experiment):
+def test_moco_v2_momentum_encoder_under_zero3_matches_ddp(tmp_path_factory, tmp_path, digits_shards, experiment,
+                                                         moco_ddp_run):
     """The key encoder is partitioned like the query encoder and updated slice by slice on each rank.
     From the same start, after 3 steps its weights (exported with --which key) equal DDP's, and the
     losses (which see the key encoder through the positives and the queue) agree at every step."""
-    ddp, _ = _run(tmp_path_factory, digits_shards, experiment, "moco_ddp", **MOCO)
+    ddp = moco_ddp_run
     z3, _ = _run(tmp_path_factory, digits_shards, experiment, "moco_zero3", train__backend="deepspeed",
                  deepspeed__zero_stage=3, **MOCO)
     want, got = tb_scalars(ddp), tb_scalars(z3)
@@ -134,6 +140,18 @@ def test_moco_v2_momentum_encoder_under_zero3_matches_ddp(tmp_path_factory, tmp_
     # the key encoder did move (m=0.5), and is not simply the query encoder
     key = {k: v for k, v in ddp_state.items() if k.startswith("key_backbone.") and "running" not in k and v.is_floating_point()}
     assert any(not torch.equal(v, ddp_state[k.replace("key_", "", 1)]) for k, v in key.items())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_moco_v2_zero2_bf16_tracks_ddp(tmp_path_factory, digits_shards, experiment, moco_ddp_run):
+    """bf16 weights: the key encoder's EMA runs on an fp32 master (a bf16 EMA would barely move)."""
+    run_dir, _ = _run(tmp_path_factory, digits_shards, experiment, "moco_zero2_bf16", train__backend="deepspeed",
+                      deepspeed__zero_stage=2, train__precision="bf16", **MOCO)
+    want, got = tb_scalars(moco_ddp_run), tb_scalars(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=3e-2), (s, got, want)
 
 
 # ------------------------------------------------------------------------------------------------ config only

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import WORKERS, torchrun
-from pretrain.losses import nt_xent
+from pretrain.losses import info_nce, nt_xent
 
 sys.path.insert(0, str(WORKERS))
 from grad_common import build_method  # noqa: E402
@@ -101,6 +101,26 @@ def test_nt_xent_two_ranks_equals_one(two_rank_result):
     assert torch.stack([p[0] for p in parts]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
     _close(torch.cat([p[1] for p in parts]), z1.grad)
     _close(torch.cat([p[2] for p in parts]), z2.grad)
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_info_nce_two_ranks_equals_one(two_rank_result, with_grad):
+    """Keys from all ranks are the negatives: 2 x N equals one process with 2N, gradients included
+    (through the keys too when they are gathered with gradients, as CPC's targets are)."""
+    inputs, res, W = two_rank_result
+    q = inputs["z1"].clone().requires_grad_(True)
+    k = inputs["z2"].clone().requires_grad_(True)
+    loss = info_nce(q, k, 0.3, grad_through_keys=with_grad)
+    (loss * W).backward()
+    parts = res[f"info_nce_{with_grad}"]
+    assert torch.stack([p[0] for p in parts]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
+    _close(torch.cat([p[1] for p in parts]), q.grad)
+    if with_grad:
+        _close(torch.cat([p[2] for p in parts]), k.grad)
+    # and it is not the per-rank loss: negatives from the other rank matter
+    N = q.shape[0] // W
+    local = [info_nce(q[r * N:(r + 1) * N].detach(), k[r * N:(r + 1) * N].detach(), 0.3).item() for r in range(W)]
+    assert abs(sum(local) / W - loss.item()) > 1e-3
 
 
 def test_global_batch_norm_two_ranks_equals_full_batch(two_rank_result):

@@ -1,7 +1,7 @@
 """Run under torchrun (W ranks, gloo). Rank r takes samples [r*B, (r+1)*B) of a fixed global batch,
 runs SimCLR (timm ResNet with BatchNorm, converted to global BN) wrapped in DDP, backpropagates,
 and rank 0 saves the rank-averaged loss, the (DDP-averaged) parameter gradients and the updated BN
-buffers. Also checks nt_xent and GlobalBatchNorm alone. The test recomputes all of it in one process.
+buffers. Also checks nt_xent, info_nce and GlobalBatchNorm alone. The test recomputes all of it in one process.
 
 argv: INPUTS_PT OUT_PT
 """
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain import dist as pdist
-from pretrain.losses import nt_xent
+from pretrain.losses import info_nce, nt_xent
 from pretrain.models import GlobalBatchNorm, convert_sync_bn
 
 from grad_common import build_method
@@ -57,6 +57,16 @@ parts = [None] * world
 dist.all_gather_object(parts, (y.detach(), x.grad))
 result["bn"] = {"parts": parts, "dw": dw, "db": db, "running_mean": bn.running_mean.clone(),
                 "running_var": bn.running_var.clone()}
+
+# 4. info_nce (MoCo v3, CPC): keys gathered with gradients (CPC) and without (MoCo v3)
+for with_grad in (True, False):
+    q = inputs["z1"][sl].clone().requires_grad_(True)
+    k = inputs["z2"][sl].clone().requires_grad_(True)
+    l = info_nce(q, k, 0.3, grad_through_keys=with_grad)
+    l.backward()
+    parts = [None] * world
+    dist.all_gather_object(parts, (l.detach(), q.grad, k.grad if with_grad else None))
+    result[f"info_nce_{with_grad}"] = parts
 
 if rank == 0:
     torch.save(result, out)
