@@ -20,6 +20,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "pillow>=9",
+        "scipy>=1.9",          # Frechet distance (matrix square root)
     ],
     extras_require={
         "quickstart": ["scikit-learn>=1.2"],

@@ -37,6 +37,73 @@ def cmd_export(a):
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
+def _generative(path):
+    from pretrain.export import load_method
+
+    method, cfg, step = load_method(path)
+    if not hasattr(method, "sample"):
+        raise ValueError(f"{path} is a {cfg.method.name} run, which does not generate images; "
+                         f"sample from a vae, gan, pixelcnn or ddpm run")
+    return method.eval(), cfg, step
+
+
+def cmd_sample(a):
+    import torch
+
+    from pretrain.evaluation.generative import save_grid
+
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    method, cfg, step = _generative(a.run_dir)
+    images = method.sample(a.n, generator=torch.Generator().manual_seed(a.seed), steps=a.steps, sampler=a.sampler)
+    save_grid(images, a.out)
+    print(f"wrote {a.n} samples of {cfg.method.name} (step {step}, seed {a.seed}) to {a.out}")
+
+
+def cmd_eval_gen(a):
+    """bits/dim on --val (likelihood models) next to a per-pixel histogram fit on --train, and the
+    Frechet distance in --features space between --val and samples, and between --val and noise."""
+    import torch
+
+    from pretrain.data import eval_loader
+    from pretrain.evaluation import extract_features
+    from pretrain.evaluation.generative import frechet_distance, histogram_bits_per_dim, to_signed, to_uint8
+
+    if not a.run:
+        raise ValueError("pretrain eval gen needs --run RUN_DIR (a vae, gan, pixelcnn or ddpm run)")
+    method, cfg, step = _generative(a.run)
+    size = cfg.data.image_size
+
+    def images(spec, key):
+        loader = eval_loader(spec, a.batch_size, size, a.workers, key=key, max_samples=a.max_samples)
+        return torch.cat([b["image"] for b in loader])
+
+    train, val = images(a.train, "--train"), images(a.val, "--val")
+    g = torch.Generator().manual_seed(a.seed)
+    out = {"eval": "gen", "run": str(a.run), "method": cfg.method.name, "step": step, "val": len(val)}
+    if method.bits_per_dim(to_signed(val[:2]), generator=g) is not None:
+        bpd = torch.cat([method.bits_per_dim(to_signed(x), generator=g) for x in val.split(a.batch_size)])
+        out.update(bits_per_dim=round(bpd.mean().item(), 4),
+                   histogram_bits_per_dim=round(histogram_bits_per_dim(train, val), 4))
+    if a.features:
+        from pretrain.export import load_backbone
+
+        backbone, meta = load_backbone(a.features)
+        backbone.eval()
+        feats = lambda u8: extract_features(torch.no_grad()(backbone), [{"image": b, "label": torch.zeros(len(b))}  # noqa: E731
+                                                                        for b in u8.split(a.batch_size)],
+                                            torch.device("cpu"), meta["mean"], meta["std"])[0]
+        n = a.n or len(val)
+        samples = torch.cat([to_uint8(method.sample(min(a.batch_size, n - i), generator=g, steps=a.steps, sampler=a.sampler))
+                             for i in range(0, n, a.batch_size)])
+        noise = torch.randint(0, 256, samples.shape, generator=g, dtype=torch.uint8)
+        real = feats(val)
+        out.update(frechet_samples=round(frechet_distance(real, feats(samples)), 3),
+                   frechet_noise=round(frechet_distance(real, feats(noise)), 3),
+                   frechet_train=round(frechet_distance(real, feats(train)), 3), samples=n, features=a.features)
+    print(json.dumps(out))
+
+
 def _features(a, spec, key):
     import torch
 
@@ -55,6 +122,8 @@ def cmd_eval(a):
     from pretrain.evaluation import knn_accuracy, linear_probe
 
     torch.set_flush_denormal(True)
+    if a.kind == "gen":
+        return cmd_eval_gen(a)
     if sum(map(bool, (a.backbone, a.model, a.raw_pixels))) != 1:
         raise ValueError("pass exactly one of --backbone PATH, --model NAME (random init) or --raw-pixels")
     meta = {"input_size": [3, a.image_size or 32, a.image_size or 32],
@@ -108,8 +177,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo: query, the default, or key)")
     e.set_defaults(fn=cmd_export)
 
-    v = sub.add_parser("eval", help="kNN or linear probe on frozen features")
-    v.add_argument("kind", choices=["knn", "linear"])
+    v = sub.add_parser("eval", help="kNN or linear probe on frozen features; gen: generative metrics")
+    v.add_argument("kind", choices=["knn", "linear", "gen"])
+    v.add_argument("--run", help="gen: the generative run dir (or checkpoint)")
+    v.add_argument("--features", help="gen: exported backbone whose features the Frechet distance uses")
+    v.add_argument("--n", type=int, default=0, help="gen: samples for the Frechet distance (default: as many as --val)")
+    v.add_argument("--steps", type=int, default=None, help="gen: sampler steps (DDPM/DDIM)")
+    v.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     v.add_argument("--backbone", help="exported .safetensors")
     v.add_argument("--model", help="timm name: evaluate a random-init backbone instead")
     v.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"zero_init_last": false}\'')
@@ -126,6 +200,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--weight-decay", type=float, default=1e-4)
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("sample", help="a grid of samples from a generative run")
+    m.add_argument("run_dir", help="run dir (newest checkpoint) or a checkpoint")
+    m.add_argument("--n", type=int, default=64)
+    m.add_argument("--out", required=True, help="PNG path")
+    m.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    m.add_argument("--steps", type=int, default=None, help="DDPM/DDIM steps (default: method.sample_steps)")
+    m.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="DDPM: default method.sampler")
+    m.set_defaults(fn=cmd_sample)
     return p
 
 

@@ -28,6 +28,10 @@ def load_checkpoint_weights(path) -> Tuple[dict, dict, int]:
     config = json.loads((ckpt / "pretrain_config.json").read_text())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    phases = [d for d in sorted(ckpt.iterdir()) if d.is_dir() and not d.name.startswith("global_step")]
+    if phases:   # one DeepSpeed engine per optimizer phase (a GAN): stitch the method's state together
+        return _multi_engine_weights(ckpt, phases, config), config, step
+
     try:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (ValueError, FileNotFoundError):  # ZeRO stage 0: weights sit in the model-states file
@@ -35,16 +39,45 @@ def load_checkpoint_weights(path) -> Tuple[dict, dict, int]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, config, step
 
 
-def export(path, out, which: str = "default") -> Path:
-    """Write the method's backbone from the newest checkpoint in `path` to `out` (.safetensors) and
-    `out` with .json (timm name, kwargs, input size, mean/std). Loads with
-    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=K)`."""
+def _multi_engine_weights(ckpt: Path, phase_dirs, config: dict) -> dict:
+    """Each engine saved its own module (keys relative to it); map them back to the method's keys by
+    building the method and matching tensors, then add what no engine owned (saved as client state)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pretrain.methods import create_method
+
+    method = create_method(from_dict(config))
+    full = {id(v): k for k, v in method.state_dict(keep_vars=True).items()}
+    sd = {}
+    for d in phase_dirs:
+        own = method.phase_module(d.name).state_dict(keep_vars=True)
+        part = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=d.name)
+        for k, v in part.items():
+            sd[full[id(own[k])]] = v
+        # buffers (BN statistics) are not in the fp32 partitions: take them from the module states file
+        states = torch.load(next(d.glob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=True)
+        for k, v in states["module"].items():
+            sd.setdefault(full[id(own[k])], v)
+        sd.update(states.get("unmanaged", {}))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_method(path):
+    """(method with the newest checkpoint's weights, its config, step) from a run dir or checkpoint."""
     from pretrain.methods import create_method
 
     sd, config, step = load_checkpoint_weights(path)
     cfg = from_dict(config)
     method = create_method(cfg)
     method.load_state_dict(sd)
+    return method, cfg, step
+
+
+def export(path, out, which: str = "default") -> Path:
+    """Write the method's backbone from the newest checkpoint in `path` to `out` (.safetensors) and
+    `out` with .json (timm name, kwargs, input size, mean/std). Loads with
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=K)`."""
+    method, cfg, step = load_method(path)
     backbone = method.export_backbone(which)
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
     size = cfg.data.image_size

@@ -5,6 +5,7 @@ communication op on first use, hence the long timeouts."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import timm
@@ -187,3 +188,37 @@ def test_lars_refused_where_deepspeed_flattens_parameters(stage, precision, ok):
     else:
         with pytest.raises(ConfigError, match="lars"):
             deepspeed_config(cfg, 2)
+
+
+# ------------------------------------------------------------------------------------------------ GAN: two engines
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gan_under_zero2_resumes_g_and_d(tmp_path, digits_shards, experiment):
+    """One DeepSpeed engine per network (D and G), 2 ranks, ZeRO-2. A run resumed from its step-2
+    checkpoint logs the same D and G losses as one that never stopped, and its EMA generator (saved
+    outside both engines) samples the same images."""
+    def ov(run_dir):
+        o = train_overrides(digits_shards, run_dir, method__name="gan", data__mean="[0.5,0.5,0.5]",
+                            data__std="[0.5,0.5,0.5]", data__image_size=8, train__backend="deepspeed",
+                            deepspeed__zero_stage=2, optim__name="adamw", optim__lr=0.001, train__max_steps=4,
+                            checkpoint__every_steps=2, checkpoint__keep_last=5)
+        return [x for x in o if not x.startswith("method.proj")] + ["method.latent_dim=8", "method.width=8"]
+
+    ref, res = tmp_path / "ref", tmp_path / "resumed"
+    torchrun("-m", "pretrain.cli", "train", experiment, *ov(ref), timeout=580, check=True)
+    ck = find_checkpoint(ref)
+    assert ck.is_dir() and {p.name for p in ck.iterdir() if p.is_dir()} == {"d", "g"}
+    (res / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step_00000002", res / "checkpoints" / "step_00000002")
+    torchrun("-m", "pretrain.cli", "train", experiment, *ov(res), timeout=580, check=True)
+    for tag in ("train/d/loss", "train/g/loss"):
+        want, got = tb_scalars(ref, tag), tb_scalars(res, tag)
+        assert sorted(got) == [3, 4]
+        for s in got:
+            assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6), (tag, s, got, want)
+    grids = []
+    for run in (ref, res):
+        out = tmp_path / f"{run.name}.png"
+        cli("sample", run, "--n", "4", "--out", out, check=True)
+        grids.append(out.read_bytes())
+    assert grids[0] == grids[1]

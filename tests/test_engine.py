@@ -184,7 +184,7 @@ def test_mixed_precision_runs_on_cpu(tmp_path, digits_shards, experiment, precis
     fp32 = _first_losses(experiment, ov, 16, 1)[0]
     assert losses[1] == pytest.approx(fp32, rel=3e-2)
     assert losses[1] != pytest.approx(fp32, rel=1e-6)
-    scaler = torch.load(find_checkpoint(run_dir), weights_only=True)["scaler"]
+    scaler = torch.load(find_checkpoint(run_dir), weights_only=True)["scaler"]["main"]
     if precision == "fp16":   # GradScaler is on, and its scale is saved for resume
         assert scaler.get("scale", 0) > 0
     else:

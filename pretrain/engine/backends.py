@@ -1,7 +1,14 @@
 """Training backends: the one place that knows whether DDP or DeepSpeed runs the model.
 
-The loop only calls: `accumulate(last)`, `forward(batch)`, `backward(loss)`, `step(need_norm)`, `set_lr()`,
-`save(path, client_state)` and `load(path)`. `module` is the bare method for hooks and eval.
+The loop only calls: `phase(name)`, `accumulate(last)`, `forward(batch, phase)`, `backward(loss)`,
+`step(phase, need_norm)`, `set_lr()`, `save(path, client_state)` and `load(path)`. `module` is the bare
+method for hooks and eval.
+
+Methods with several optimizer phases per step (a GAN's D and G steps, `Method.phases`) get one
+optimizer per phase, and inside `phase(name)` only that phase's parameters require gradients, so a
+backward never touches the other network's gradients (nor, under DeepSpeed, its engine's hooks).
+Gradients are averaged over ranks by DDP for one-phase methods; for several phases, where a
+DDP wrapper would expect every parameter in every backward, by one flat all-reduce per phase step.
 """
 from __future__ import annotations
 
@@ -27,6 +34,37 @@ def _precision(cfg):
     return DTYPES[cfg.train.precision]
 
 
+@contextlib.contextmanager
+def only_training(method, phase: str):
+    """Inside: only `phase`'s parameters (those that were trainable) require gradients."""
+    if len(method.phases) == 1:
+        yield
+        return
+    mine = {id(p) for p in method.phase_module(phase).parameters()}
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(id(p) in mine)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def all_reduce_grads(params) -> None:
+    """Average .grad over ranks with one flat all-reduce (what DDP does, without the wrapper)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]   # same layout on every rank
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 class DDPBackend:
     """torch DDP (or the bare module in one process) + autocast, GradScaler for fp16."""
 
@@ -37,43 +75,60 @@ class DDPBackend:
         self.device, self.accum, self.clip = device, cfg.train.grad_accum, cfg.train.clip_grad
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.model = method
-        if world > 1:
+        self.ddp = world > 1 and len(method.phases) == 1
+        if self.ddp:
             self.model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim)
+        self.optimizers = {p: build_optimizer(method.param_groups(cfg.optim.weight_decay, p), cfg.optim)
+                           for p in method.phases}
         self.dtype = _precision(cfg)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+        self.scalers = {p: torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16) for p in method.phases}
+        self._phase = method.phases[0]
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._phase = name
+        with only_training(self.module, name):
+            yield
 
     def accumulate(self, last: bool):
         # Skip the gradient all-reduce on all but the last micro-batch of a step.
-        if isinstance(self.model, DistributedDataParallel) and not last:
+        if self.ddp and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def forward(self, batch):
+    def forward(self, batch, phase: str = "main"):
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.model(batch)
+            return self.model(batch) if phase == "main" else self.model(batch, phase)
 
     def backward(self, loss):
-        self.scaler.scale(loss / self.accum).backward()
+        self.scalers[self._phase].scale(loss / self.accum).backward()
 
-    def step(self, need_norm: bool = True) -> Optional[torch.Tensor]:
-        """Clip (when train.clip_grad > 0) and step. Returns the global grad norm, or None when
-        nothing needed it: without clipping it is only computed for steps that log it."""
-        self.scaler.unscale_(self.optimizer)
+    def step(self, phase: str = "main", need_norm: bool = True) -> Optional[torch.Tensor]:
+        """Average gradients (several phases), clip (when train.clip_grad > 0) and step `phase`'s
+        optimizer. Returns the global grad norm, or None when nothing needed it: without clipping
+        it is only computed for steps that log it."""
+        opt, scaler = self.optimizers[phase], self.scalers[phase]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not self.ddp:
+            all_reduce_grads(params)
+        scaler.unscale_(opt)
         norm = None
         if self.clip > 0 or need_norm:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if not self.ddp and len(self.module.phases) > 1 and dist.is_initialized():
+            for b in self.module.buffers():   # as DDP does: every rank on rank 0's BN statistics
+                dist.broadcast(b, 0)
         return norm
 
     def set_lr(self, lr: float):
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        for opt in self.optimizers.values():
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def eval_module(self):
         """The method to run evaluation forwards on, outside the training wrapper."""
@@ -83,16 +138,19 @@ class DDPBackend:
         """One file, written by rank 0 under a temporary name and renamed into place."""
         if dist.is_initialized() and dist.get_rank() != 0:
             return
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), **client_state}
+        state = {"model": self.module.state_dict(),
+                 "optimizer": {p: o.state_dict() for p, o in self.optimizers.items()},
+                 "scaler": {p: s.state_dict() for p, s in self.scalers.items()}, **client_state}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
     def load(self, path: Path) -> dict:
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.module.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.scaler.load_state_dict(state.pop("scaler"))
+        for p, sd in state.pop("optimizer").items():
+            self.optimizers[p].load_state_dict(sd)
+        for p, sd in state.pop("scaler").items():
+            self.scalers[p].load_state_dict(sd)
         return state
 
 
@@ -133,7 +191,11 @@ def deepspeed_config(cfg, world: int) -> dict:
 
 
 class DeepSpeedBackend:
-    """deepspeed.initialize with ZeRO 0-3 and bf16/fp16; DeepSpeed does accumulation and clipping."""
+    """deepspeed.initialize with ZeRO 0-3 and bf16/fp16; DeepSpeed does accumulation and clipping.
+
+    One DeepSpeed engine per optimizer phase, each over its phase's module (a GAN: one for D, one
+    for G). One-phase methods go through their engine's forward; several-phase methods are called
+    directly (the engines' hooks sit on their modules)."""
 
     name = "deepspeed"
 
@@ -144,32 +206,49 @@ class DeepSpeedBackend:
         if not dist.is_initialized():  # DeepSpeed insists on a process group, even for one process
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
         self.config = deepspeed_config(cfg, world)
-        optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay), cfg.optim)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=method.to(device), optimizer=optimizer,
-                                                                config=self.config)
-        self.module, self.device = self.model.module, device
+        method.to(device)
+        self.engines = {}
+        for p in method.phases:
+            optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay, p), cfg.optim)
+            self.engines[p], _, _, _ = deepspeed.initialize(model=method.phase_module(p), optimizer=optimizer,
+                                                            config=self.config)
+        self.single = len(method.phases) == 1
+        self.model = self.engines[method.phases[0]]
+        self.module, self.device = method, device
         self.dtype = _precision(cfg)
         self.cfg = cfg
+        self._phase = method.phases[0]
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._phase = name
+        with only_training(self.module, name):
+            yield
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()   # DeepSpeed tracks the accumulation boundary itself
 
-    def forward(self, batch):
+    def forward(self, batch, phase: str = "main"):
         if self.dtype is not None:  # DeepSpeed holds bf16/fp16 weights: feed matching inputs
             batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        return self.model(batch)
+        return self.model(batch) if self.single else self.module(batch, phase)
 
     def backward(self, loss):
-        self.model.backward(loss)   # scales by 1/grad_accum
-        self.model.step()           # only steps at the accumulation boundary
+        engine = self.engines[self._phase]
+        engine.backward(loss)   # scales by 1/grad_accum
+        engine.step()           # only steps at the accumulation boundary
 
-    def step(self, need_norm: bool = True) -> torch.Tensor:
-        norm = self.model.get_global_grad_norm()   # DeepSpeed computes it anyway
+    def step(self, phase: str = "main", need_norm: bool = True) -> torch.Tensor:
+        norm = self.engines[phase].get_global_grad_norm()   # DeepSpeed computes it anyway
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 
     def set_lr(self, lr: float):
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        for engine in self.engines.values():
+            for g in engine.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    def _stage3(self) -> bool:
+        return self.config["zero_optimization"].get("stage", 0) == 3
 
     def eval_module(self):
         """The method to run evaluation forwards on. DeepSpeed's module is not always usable as it is:
@@ -178,8 +257,7 @@ class DeepSpeedBackend:
         weights are half precision while BatchNorm's running statistics are not, which eval-mode
         BatchNorm rejects. In those cases evaluate a plain fp32 copy (gathered once, on every rank
         together, under ZeRO-3)."""
-        stage3 = self.config["zero_optimization"].get("stage", 0) == 3
-        if not stage3 and self.dtype is None:
+        if not self._stage3() and self.dtype is None:
             return self.module
         import deepspeed
 
@@ -187,16 +265,29 @@ class DeepSpeedBackend:
 
         with torch.random.fork_rng(devices=[]):   # building the copy must not move the training RNG
             copy = create_method(self.cfg).to(self.device)
-        gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None) if stage3 \
-            else contextlib.nullcontext()
+        gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None) \
+            if self._stage3() else contextlib.nullcontext()
         with gather:
             copy.load_state_dict({k: v.detach().clone() for k, v in self.module.state_dict().items()})
         return copy
 
+    def _unmanaged(self) -> dict:
+        """State of the method outside every engine's module (e.g. an EMA generator), saved as client state."""
+        if self.single:
+            return {}
+        owned = {id(t) for p in self.module.phases for t in self.module.phase_module(p).state_dict(keep_vars=True).values()}
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict(keep_vars=True).items() if id(v) not in owned}
+
     def save(self, path: Path, client_state: dict):
-        """DeepSpeed's own format, a directory; written as `.tmp-<name>` and renamed by rank 0."""
+        """DeepSpeed's own format, a directory (one sub-directory per engine for several phases);
+        written as `.tmp-<name>` and renamed by rank 0."""
         tmp = path.parent / f".tmp-{path.name}"
-        self.model.save_checkpoint(str(path.parent), tag=tmp.name, client_state=client_state, save_latest=False)
+        if self.single:
+            self.model.save_checkpoint(str(path.parent), tag=tmp.name, client_state=client_state, save_latest=False)
+        else:
+            state = dict(client_state, unmanaged=self._unmanaged())
+            for p, engine in self.engines.items():
+                engine.save_checkpoint(str(tmp), tag=p, client_state=state, save_latest=False)
         dist.barrier()
         if dist.get_rank() == 0:   # the config in plain JSON too, so export never has to unpickle
             (tmp / "pretrain_config.json").write_text(json.dumps(client_state["config"]))
@@ -204,7 +295,14 @@ class DeepSpeedBackend:
         dist.barrier()
 
     def load(self, path: Path) -> dict:
-        _, client_state = self.model.load_checkpoint(str(path.parent), tag=path.name)
+        if self.single:
+            _, client_state = self.model.load_checkpoint(str(path.parent), tag=path.name)
+            return client_state
+        for p, engine in self.engines.items():
+            _, client_state = engine.load_checkpoint(str(path), tag=p)
+        unmanaged = client_state.pop("unmanaged", {})
+        if unmanaged:
+            self.module.load_state_dict(unmanaged, strict=False)
         return client_state
 
 

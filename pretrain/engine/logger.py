@@ -50,6 +50,11 @@ class RunLogger:
             self.bar.set_postfix_str(text[:120], refresh=False)
         log.info("step %d %s", step, text)
 
+    def image(self, step: int, tag: str, grid) -> None:
+        """A uint8 [3, H, W] image (a sample grid) to TensorBoard."""
+        if self.is_main and self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

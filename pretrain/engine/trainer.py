@@ -1,7 +1,8 @@
 """The training loop, one for every method and backend. Read it top to bottom:
 
-    setup -> resume -> for each step: schedule -> forward -> backward (x grad_accum) -> clip+step
-          -> after-step hook (EMA etc.) -> log -> kNN monitor -> checkpoint
+    setup -> resume -> for each step: schedule -> for each optimizer phase (one for most methods;
+          D then G for a GAN): forward -> backward (x grad_accum) -> clip+step
+          -> after-step hook (EMA etc.) -> log -> samples / kNN monitor -> checkpoint
 """
 from __future__ import annotations
 
@@ -73,6 +74,25 @@ def knn_monitor(backend, cfg) -> float:
     return knn_accuracy(tf, ty, vf, vy, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
+@torch.no_grad()
+def sample_grid(backend, cfg, logger, run_dir: Path, step: int, is_main: bool) -> None:
+    """Generative methods: log.sample_n samples (fixed seed, so grids compare across steps) to
+    TensorBoard and run_dir/samples/step_N.png. Every rank takes part in building the eval copy
+    (a collective under ZeRO-3); rank 0 samples."""
+    from pretrain.evaluation.generative import save_grid
+
+    model = backend.eval_module()
+    if not is_main:
+        return
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.seed)   # on the CPU: the same grid on any device
+    with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []):
+        images = model.sample(cfg.log.sample_n, generator=g)
+    model.train(was_training)
+    logger.image(step, "samples", save_grid(images, run_dir / "samples" / f"step_{step:08d}.png"))
+
+
 def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     """Run (or resume) the training that `cfg` describes; returns final metrics.
 
@@ -115,22 +135,35 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     config_dict = to_dict(cfg)
 
     losses_sum, n_logged, wait, t_last, metrics = None, 0, 0.0, time.perf_counter(), {}
+    multi = len(method.phases) > 1
     for step in range(start, p["total"]):
         lr = warmup_cosine(step, p["total"], p["lr"], p["warmup"], cfg.optim.min_lr)
         backend.set_lr(lr)
-        for micro in range(acc):
-            t0 = time.perf_counter()
-            batch = next(data)
-            wait += time.perf_counter() - t0
-            with backend.accumulate(last=micro == acc - 1):
-                losses = backend.forward(batch)
-                backend.backward(losses["loss"])
-            detached = torch.stack([v.detach().float() for v in losses.values()])
-            losses_sum = detached if losses_sum is None else losses_sum + detached   # no host sync here
         done = step + 1
         log_now = done % cfg.log.every_steps == 0 or done == p["total"]
-        grad_norm = backend.step(need_norm=log_now)
+        micro, step_losses, norms = [], {}, {}
+        for phase in method.phases:
+            with backend.phase(phase):
+                for i in range(acc):
+                    if i < len(micro):    # a later phase of a multi-phase step: the same micro-batches
+                        batch = micro[i]
+                    else:
+                        t0 = time.perf_counter()
+                        batch = next(data)
+                        wait += time.perf_counter() - t0
+                        if multi:
+                            micro.append(batch)
+                    with backend.accumulate(last=i == acc - 1):
+                        losses = backend.forward(batch, phase)
+                        backend.backward(losses["loss"])
+                    for k, v in losses.items():   # summed on the device: no host sync here
+                        key = f"{phase}/{k}" if multi else k
+                        step_losses[key] = step_losses.get(key, 0) + v.detach().float()
+                norms[phase] = backend.step(phase, need_norm=log_now)
         method.after_step(done, p["total"])
+        names = list(step_losses)
+        detached = torch.stack([step_losses[k] for k in names])
+        losses_sum = detached if losses_sum is None else losses_sum + detached
         n_logged += acc
         logger.advance()
 
@@ -139,14 +172,20 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
             skipped = torch.tensor([float(loader.skipped if loader else 0)], device=losses_sum.device)
             *mean, skipped = pdist.all_reduce_mean(torch.cat([losses_sum / n_logged, skipped])).tolist()
             elapsed = time.perf_counter() - t_last
-            metrics = dict(zip(losses.keys(), mean))
-            metrics.update(lr=lr, grad_norm=float(grad_norm), epoch=step / p["steps_per_epoch"],
+            metrics = dict(zip(names, mean))
+            metrics.update({"grad_norm" if k == "main" else f"{k}/grad_norm": float(v) for k, v in norms.items()})
+            metrics.update(lr=lr, epoch=step / p["steps_per_epoch"],
                            images_per_s=n_logged * p["local_batch"] * env.world_size / elapsed,
                            data_wait_frac=wait / elapsed, memory_mb=memory_mb(device),
                            skipped_samples=round(skipped * env.world_size))
             logger.scalars(done, metrics)
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
-        if cfg.data.val and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
+        if cfg.log.sample_every_steps and hasattr(method, "sample") and (
+                done % cfg.log.sample_every_steps == 0 or done == p["total"]):
+            sample_grid(backend, cfg, logger, run_dir, done, env.is_main)
+            t_last = time.perf_counter()
+        if cfg.data.val and method.backbone is not None and (
+                (cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
             metrics["knn_top1"] = knn_monitor(backend, cfg)
             logger.scalars(done, {"knn_top1": metrics["knn_top1"]}, prefix="eval/")
             t_last = time.perf_counter()

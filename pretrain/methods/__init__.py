@@ -5,7 +5,7 @@ import inspect
 
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
-from pretrain.methods import cpc, moco_v2, moco_v3, simclr  # noqa: F401  (registers)
+from pretrain.methods import cpc, ddpm, gan, moco_v2, moco_v3, pixelcnn, simclr, vae  # noqa: F401  (registers)
 
 
 def create_method(cfg) -> Method:
@@ -15,6 +15,7 @@ def create_method(cfg) -> Method:
     receives its own `method.*` keys as keyword arguments, plus `image_size=cfg.data.image_size`
     when it takes one (CPC, to lay out its patch grid).
     """
+    from pretrain.config import ConfigError
     from pretrain.models import check_input_size, create_backbone
 
     cls = METHODS.get(cfg.method.name)
@@ -22,6 +23,10 @@ def create_method(cfg) -> Method:
     kwargs = {k: v for k, v in dict(cfg.method).items() if k != "name"}
     if "image_size" in inspect.signature(cls.__init__).parameters:
         kwargs["image_size"] = cfg.data.image_size
+    mean_std = getattr(cls, "pixel_mean_std", None)
+    if mean_std and (list(cfg.data.mean) != [mean_std[0]] * 3 or list(cfg.data.std) != [mean_std[1]] * 3):
+        raise ConfigError(f"method.name={cfg.method.name} models pixels in [-1, 1]: set data.mean=[0.5,0.5,0.5] "
+                          f"data.std=[0.5,0.5,0.5] (see configs/digits_{cfg.method.name}.yaml)")
     method = cls(backbone, **kwargs)
     check_input_size(backbone, method.backbone_input_size(cfg.data.image_size), cfg.model.name)
     return method

@@ -17,26 +17,34 @@ class Method(nn.Module):
     defaults: Dict = {}
     #: augmented views per sample the data pipeline must deliver in batch["views"]
     num_views: int = 2
+    #: optimizer phases of one training step, in order, each with its own optimizer over
+    #: `phase_module(phase)`'s parameters (a GAN: ("d", "g")). Most methods have one.
+    phases = ("main",)
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, batch):
-        return self.training_step(batch)
+    def forward(self, batch, phase: str = "main"):
+        return self.training_step(batch) if phase == "main" else self.training_step(batch, phase)
 
-    def training_step(self, batch) -> Dict[str, torch.Tensor]:
+    def training_step(self, batch, phase: str = "main") -> Dict[str, torch.Tensor]:
+        """Losses for `batch` (and, for multi-phase methods, `phase`); "loss" is backpropagated."""
         raise NotImplementedError
+
+    def phase_module(self, phase: str) -> nn.Module:
+        """The module whose parameters `phase`'s optimizer updates (the whole method by default)."""
+        return self
 
     # ---- optional hooks -------------------------------------------------------------------------
     def backbone_input_size(self, image_size: int) -> int:
         """The side of the images the backbone sees, given data.image_size (CPC: its patches)."""
         return image_size
 
-    def param_groups(self, weight_decay: float) -> List[dict]:
+    def param_groups(self, weight_decay: float, phase: str = "main") -> List[dict]:
         """Weight decay on weights; none on biases and norm parameters (any 1-D tensor)."""
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for name, p in self.phase_module(phase).named_parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -55,6 +63,8 @@ class Method(nn.Module):
 
     def export_backbone(self, which: str = "default") -> nn.Module:
         """The backbone `pretrain export` writes."""
+        if self.backbone is None:
+            raise ValueError(f"{type(self).__name__} trains no backbone to export; draw images with `pretrain sample`")
         if which != "default":
             raise ValueError(f"{type(self).__name__} has one backbone; --which {which!r} is not available")
         return self.backbone

@@ -1,0 +1,162 @@
+"""DDPM (Ho et al. 2020) with a UNet, linear or cosine noise schedule (Nichol & Dhariwal 2021), eps- or
+v-prediction, an EMA of the weights, and DDPM (ancestral) and DDIM (Song et al. 2021) samplers.
+
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,      t ~ U{1..T}
+    loss = |eps - eps_hat(x_t, t)|^2         or   |v - v_hat|^2,  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+`bits_per_dim` estimates the variational bound (L_T + sum_t L_{t-1} + L_0, the sum by Monte Carlo
+over `bound_samples` strata of timesteps, or exactly when bound_samples >= T - 1) with the EMA weights and a discretized Gaussian decoder.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from pretrain.losses.likelihood import discretized_log_prob
+from pretrain.methods.generative import GenerativeMethod, randn
+from pretrain.methods.registry import METHODS
+from pretrain.models.ema import EMA, momentum_copy
+from pretrain.models.generative import UNet
+
+
+def betas_for(schedule: str, T: int) -> torch.Tensor:
+    if schedule == "linear":
+        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"method.schedule must be linear or cosine, got {schedule!r}")
+
+
+@METHODS.register("ddpm")
+class DDPM(GenerativeMethod):
+    defaults = {"timesteps": 1000, "schedule": "cosine", "prediction": "eps", "base_channels": 64,
+                "channel_mults": [1, 2, 2], "blocks": 2, "ema_decay": 0.999, "sample_steps": 50,
+                "sampler": "ddim", "bound_samples": 32}
+
+    def __init__(self, backbone: nn.Module, timesteps=1000, schedule="cosine", prediction="eps", base_channels=64,
+                 channel_mults=(1, 2, 2), blocks=2, ema_decay=0.999, sample_steps=50, sampler="ddim",
+                 bound_samples=32, image_size=32):
+        super().__init__(backbone, image_size)
+        self.backbone = None   # a pixel-space model: no timm backbone to train or export
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"method.prediction must be eps or v, got {prediction!r}")
+        if timesteps < 2:
+            raise ValueError(f"method.timesteps must be >= 2, got {timesteps}")
+        self.check_sampler(sampler, sample_steps, timesteps)
+        self.T, self.prediction, self.ema_decay = timesteps, prediction, ema_decay
+        self.sample_steps, self.sampler, self.bound_samples = sample_steps, sampler, bound_samples
+        self.unet = UNet(image_size, 3, base_channels, tuple(channel_mults), blocks)
+        self.unet_ema = momentum_copy(self.unet)
+        self.ema = EMA(self.unet_ema, self.unet, copy_buffers=True)
+        b = betas_for(schedule, timesteps)
+        abar = torch.cumprod(1 - b, 0)
+        for name, v in {"betas": b, "abar": abar, "abar_prev": torch.cat([torch.ones(1, dtype=b.dtype), abar[:-1]])}.items():
+            self.register_buffer(name, v.float(), persistent=False)   # a function of the config, not state
+
+    @staticmethod
+    def check_sampler(sampler, steps, T):
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
+        if not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"the sampler's step count must be in [1, {T}] (method.timesteps), got {steps}")
+
+    def _a(self, name, t, x):
+        return getattr(self, name)[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+
+    def predict_eps_x0(self, net, x_t, t):
+        """The network's prediction as (eps_hat, x0_hat), whatever it was trained to predict."""
+        out = net(x_t, t).float()
+        a, s = self._a("abar", t, out).sqrt(), (1 - self._a("abar", t, out)).sqrt()
+        xt = x_t.float()
+        if self.prediction == "eps":
+            eps = out
+            x0 = (xt - s * eps) / a
+        else:                                  # v = a * eps - s * x0
+            x0 = a * xt - s * out
+            eps = s * xt + a * out
+        return eps, x0.clamp(-1, 1)
+
+    def training_step(self, batch):
+        x0 = batch["views"][0]                                                   # [B, 3, S, S] in [-1, 1]
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)          # index t = step t+1
+        eps = torch.randn_like(x0)
+        a, s = self._a("abar", t, x0).sqrt(), (1 - self._a("abar", t, x0)).sqrt()
+        x_t = a * x0 + s * eps
+        target = eps if self.prediction == "eps" else a * eps - s * x0
+        return {"loss": (self.unet(x_t, t).float() - target.float()).pow(2).mean()}
+
+    def after_step(self, step, total_steps):
+        self.ema.update(self.ema_decay)
+
+    def load_extra_state(self, state):
+        self.ema.reset()
+
+    @torch.no_grad()
+    def sample(self, n, generator=None, steps=None, sampler=None, **kwargs):
+        steps = self.sample_steps if steps is None else steps
+        sampler = sampler or self.sampler
+        self.check_sampler(sampler, steps, self.T)
+        dev, S = self._device(), self.image_size
+        net = self.unet_ema
+        x = randn((n, 3, S, S), generator, dev)
+        ts = torch.linspace(self.T - 1, 0, steps, device=dev).round().long().unique_consecutive()
+        for i, t in enumerate(ts):
+            tt = t.repeat(n)
+            eps, x0 = self.predict_eps_x0(net, x, tt)
+            t_prev = ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1, device=dev)
+            abar_t = self.abar[t]
+            abar_prev = self.abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, device=dev)
+            if sampler == "ddim":                                               # deterministic (eta = 0)
+                x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+            else:                                                               # ancestral, strided betas
+                beta = 1 - abar_t / abar_prev
+                mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x
+                var = beta * (1 - abar_prev) / (1 - abar_t)
+                x = mean + (var.sqrt() * randn(x.shape, generator, dev) if t_prev >= 0 else 0)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def bits_per_dim(self, images, generator=None):
+        """Monte Carlo estimate of the variational bound per image, bits/dim (EMA weights)."""
+        x0, B, D = images.float(), images.shape[0], images[0].numel()
+        T, net = self.T, self.unet_ema
+
+        def q_post(x_t, t, x0_):
+            ab, abp = self._a("abar", t, x_t), self._a("abar_prev", t, x_t)
+            beta = 1 - ab / abp
+            mean = (abp.sqrt() * beta / (1 - ab)) * x0_ + ((1 - beta).sqrt() * (1 - abp) / (1 - ab)) * x_t
+            return mean, beta * (1 - abp) / (1 - ab)
+
+        # L_T: KL(q(x_T | x_0) || N(0, I))
+        abT = self.abar[-1]
+        mT, vT = abT.sqrt() * x0, (1 - abT)
+        L_T = 0.5 * (mT.pow(2) + vT - 1 - torch.log(vT)).flatten(1).sum(1)
+        # L_{t-1}, t = 2..T: KL between the true and the model posterior (same variance): every t when
+        # bound_samples >= T - 1, else one t from each of bound_samples equal strata (less variance
+        # than uniform draws; the small-t terms are large and rare)
+        K = min(self.bound_samples, T - 1)
+        edges = torch.linspace(1, T, K + 1).long()
+        total = torch.zeros(B, device=x0.device)
+        for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+            if K == T - 1:
+                t = torch.full((B,), lo, dtype=torch.long)
+            else:
+                t = torch.randint(lo, max(hi, lo + 1), (B,), generator=generator, device="cpu")
+            t, w = t.to(x0.device), (hi - lo) if K < T - 1 else 1
+            eps = randn(x0.shape, generator, x0.device)
+            x_t = self._a("abar", t, x0).sqrt() * x0 + (1 - self._a("abar", t, x0)).sqrt() * eps
+            m_true, var = q_post(x_t, t, x0)
+            m_model, _ = q_post(x_t, t, self.predict_eps_x0(net, x_t, t)[1])
+            total += w * ((m_true - m_model).pow(2) / (2 * var)).flatten(1).sum(1)
+        L_mid = total
+        # L_0: -log p(x_0 | x_1), a discretized Gaussian around the predicted x_0
+        t0 = torch.zeros(B, dtype=torch.long, device=x0.device)
+        eps = randn(x0.shape, generator, x0.device)
+        x1 = self._a("abar", t0, x0).sqrt() * x0 + (1 - self._a("abar", t0, x0)).sqrt() * eps
+        _, x0_hat = self.predict_eps_x0(net, x1, t0)
+        log_std = 0.5 * torch.log(self.betas[0]).expand_as(x0)
+        L_0 = -discretized_log_prob(x0, x0_hat, log_std, "gaussian").flatten(1).sum(1)
+        return (L_T + L_mid + L_0) / (D * math.log(2))
