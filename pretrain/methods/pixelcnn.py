@@ -5,6 +5,8 @@ of each other), by a 256-way softmax or a mixture of discretized logistics per s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +44,8 @@ class PixelCNN(GenerativeMethod):
 
     def training_step(self, batch):
         x = batch["views"][0]
-        return {"loss": -self.log_prob(x).mean() / x[0].numel()}               # nats per dim
+        nats = -self.log_prob(x).mean() / x[0].numel()                         # nats per dim
+        return {"loss": nats, "bits_per_dim": nats.detach() / math.log(2)}
 
     @torch.no_grad()
     def bits_per_dim(self, images, generator=None):

@@ -6,6 +6,8 @@ logistic or Gaussian per sub-pixel. Loss: the negative ELBO per dimension, with 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -44,7 +46,8 @@ class VAE(GenerativeMethod):
         D = x[0].numel()
         nll, kl = self._terms(x, torch.randn(x.shape[0], self.latent_dim, device=x.device))
         return {"loss": (nll + self.beta * kl).mean() / D, "recon_nats_per_dim": nll.mean().detach() / D,
-                "kl_nats_per_dim": kl.mean().detach() / D}
+                "kl_nats_per_dim": kl.mean().detach() / D,
+                "neg_elbo_bits_per_dim": (nll + kl).mean().detach() / (D * math.log(2))}
 
     @torch.no_grad()
     def bits_per_dim(self, images, generator=None):
