@@ -124,14 +124,21 @@ def cmd_eval(a):
     torch.set_flush_denormal(True)
     if a.kind == "gen":
         return cmd_eval_gen(a)
-    if sum(map(bool, (a.backbone, a.model, a.raw_pixels))) != 1:
-        raise ValueError("pass exactly one of --backbone PATH, --model NAME (random init) or --raw-pixels")
+    if sum(map(bool, (a.backbone, a.model, a.raw_pixels, a.run))) != 1:
+        raise ValueError("pass exactly one of --backbone PATH, --run RUN_DIR, --model NAME (random init) or --raw-pixels")
     meta = {"input_size": [3, a.image_size or 32, a.image_size or 32],
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     if a.backbone:
         from pretrain.export import load_backbone
 
         model, meta = load_backbone(a.backbone)
+    elif a.run:   # the method's own evaluation features (CPC: mean over its patch grid)
+        from pretrain.export import load_method
+
+        method, cfg, _ = load_method(a.run)
+        model = method
+        meta = {"input_size": [3, cfg.data.image_size, cfg.data.image_size], "mean": list(cfg.data.mean),
+                "std": list(cfg.data.std)}
     elif a.model:
         from pretrain.models import create_backbone
 
@@ -139,7 +146,7 @@ def cmd_eval(a):
         model = create_backbone(a.model, json.loads(a.model_kwargs))
     if not a.raw_pixels:
         model.eval()
-        a.model_fn = torch.no_grad()(model)
+        a.model_fn = torch.no_grad()(model.features if a.run else model)
     a.image_size = a.image_size or meta["input_size"][-1]
     a.mean, a.std = meta["mean"], meta["std"]
     tf, ty = _features(a, a.train, "--train")
@@ -148,7 +155,7 @@ def cmd_eval(a):
         acc = knn_accuracy(tf, ty, vf, vy, a.k, a.temperature)
     else:
         acc = linear_probe(tf, ty, vf, vy, epochs=a.epochs, weight_decay=a.weight_decay)
-    what = a.backbone or (f"random-init {a.model}" if a.model else "raw pixels")
+    what = a.backbone or (f"run {a.run} (method features)" if a.run else f"random-init {a.model}" if a.model else "raw pixels")
     print(json.dumps({"eval": a.kind, "backbone": what, "top1": round(acc, 4), "train": len(ty), "val": len(vy)}))
 
 
@@ -179,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="kNN or linear probe on frozen features; gen: generative metrics")
     v.add_argument("kind", choices=["knn", "linear", "gen"])
-    v.add_argument("--run", help="gen: the generative run dir (or checkpoint)")
+    v.add_argument("--run", help="gen: the generative run dir; knn/linear: evaluate the method's own features "
+                                 "(e.g. CPC's patch-grid average) from this run's newest checkpoint")
     v.add_argument("--features", help="gen: exported backbone whose features the Frechet distance uses")
     v.add_argument("--n", type=int, default=0, help="gen: samples for the Frechet distance (default: as many as --val)")
     v.add_argument("--steps", type=int, default=None, help="gen: sampler steps (DDPM/DDIM)")

@@ -242,3 +242,20 @@ def test_bad_queue_size_from_the_cli_is_one_line(tmp_path, digits_shards, experi
     p = cli("train", experiment, *train_overrides(digits_shards, tmp_path / "run", method__name="moco_v2",
                                                  method__queue_size=0), timeout=120)
     assert "method.queue_size must be a positive" in error_line(p)
+
+
+def test_cpc_features_average_the_patch_grid():
+    m = CPC(create_backbone("resnet10t"), patch_size=8, patch_stride=4, image_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(m.features(x), m.encode_patches(x).mean((2, 3)))
+
+
+def test_eval_knn_on_a_runs_own_features(ref_run, digits_shards):
+    import json
+
+    p = cli("eval", "knn", "--run", ref_run[0], "--train", f"{digits_shards}/train", "--val", f"{digits_shards}/val",
+            check=True)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "method features" in r["backbone"] and 0 < r["top1"] <= 1
+    # SimCLR's features are its backbone's: the same figure as the final online monitor on the same splits
+    assert r["top1"] == pytest.approx(ref_run[2]["knn_top1"], abs=1e-6)

@@ -85,6 +85,12 @@ class CPC(Method):
         z = self.backbone(p)                                              # [B*G*G, D]
         return z.view(B, G, G, -1).permute(0, 3, 1, 2)                   # [B, D, G, G]
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features as in CPC v2: the patch embeddings averaged over the grid, [B, D]
+        (the exported patch encoder on a whole image is another, usually weaker, option)."""
+        return self.encode_patches(images).mean((2, 3))
+
     def training_step(self, batch):
         x = batch["views"][0]                                             # [B, 3, S, S]
         z = self.encode_patches(x)                                        # [B, D, G, G]
