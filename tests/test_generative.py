@@ -118,7 +118,8 @@ def _ov(shards, run_dir, name, **kv):
     return [o for o in ov if not o.startswith("method.proj")] + SMALL[name]
 
 
-@pytest.mark.parametrize("name,tag", [("gan", "train/d/loss"), ("ddpm", "train/loss")])
+@pytest.mark.parametrize("name,tag", [("vae", "train/loss"), ("gan", "train/d/loss"), ("pixelcnn", "train/loss"),
+                                      ("ddpm", "train/loss")])
 def test_generative_resume_reproduces_losses(tmp_path, digits_shards, experiment, name, tag):
     ref = tmp_path / "ref"
     ov = _ov(digits_shards, ref, name, train__max_steps=4, checkpoint__every_steps=2, optim__name="adamw",

@@ -65,7 +65,19 @@ def all_reduce_grads(params) -> None:
         offset += g.numel()
 
 
-class DDPBackend:
+class _Phases:
+    """`with backend.phase(name):` -- the optimizer phase the next backward/step belong to."""
+
+    _phase = "main"
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._phase = name
+        with only_training(self.module, name):
+            yield
+
+
+class DDPBackend(_Phases):
     """torch DDP (or the bare module in one process) + autocast, GradScaler for fp16."""
 
     name = "ddp"
@@ -85,12 +97,6 @@ class DDPBackend:
         self.dtype = _precision(cfg)
         self.scalers = {p: torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16) for p in method.phases}
         self._phase = method.phases[0]
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        self._phase = name
-        with only_training(self.module, name):
-            yield
 
     def accumulate(self, last: bool):
         # Skip the gradient all-reduce on all but the last micro-batch of a step.
@@ -190,7 +196,7 @@ def deepspeed_config(cfg, world: int) -> dict:
     return ds
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(_Phases):
     """deepspeed.initialize with ZeRO 0-3 and bf16/fp16; DeepSpeed does accumulation and clipping.
 
     One DeepSpeed engine per optimizer phase, each over its phase's module (a GAN: one for D, one
@@ -218,12 +224,6 @@ class DeepSpeedBackend:
         self.dtype = _precision(cfg)
         self.cfg = cfg
         self._phase = method.phases[0]
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        self._phase = name
-        with only_training(self.module, name):
-            yield
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()   # DeepSpeed tracks the accumulation boundary itself
