@@ -138,3 +138,29 @@ def test_global_batch_norm_two_ranks_equals_full_batch(two_rank_result):
     _close(got["db"], bn.bias.grad)
     _close(got["running_mean"], bn.running_mean)
     _close(got["running_var"], bn.running_var)
+
+
+def test_fp32_batch_norm_matches_batch_norm_and_takes_half_precision_weights():
+    """What DeepSpeed bf16 runs use for every BN: the same maths as nn.BatchNorm2d, computed in fp32,
+    also when the weights are bf16 and the running statistics fp32 (which nn.BatchNorm2d rejects)."""
+    from pretrain.models import convert_to_fp32_bn
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        ref[0].weight.uniform_(0.5, 1.5), ref[0].bias.uniform_(-1, 1)
+    ours = convert_to_fp32_bn(__import__("copy").deepcopy(ref))
+    x = torch.randn(8, 4, 3, 3) * 2 + 1
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(ours, mode)()
+        _close(ours(x), ref(x), rel=1e-5)
+    _close(ours[0].running_mean, ref[0].running_mean, rel=1e-6)
+    _close(ours[0].running_var, ref[0].running_var, rel=1e-6)
+    ours.train()
+    ours[0].weight.data, ours[0].bias.data = ours[0].weight.data.bfloat16(), ours[0].bias.data.bfloat16()
+    y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and ours[0].running_mean.dtype == torch.float32
+    with pytest.raises(RuntimeError):   # the failure Fp32BatchNorm exists to avoid
+        bad = torch.nn.BatchNorm2d(4)
+        bad.weight.data, bad.bias.data = bad.weight.data.bfloat16(), bad.bias.data.bfloat16()
+        bad(x.bfloat16())

@@ -212,6 +212,10 @@ class DeepSpeedBackend(_Phases):
         if not dist.is_initialized():  # DeepSpeed insists on a process group, even for one process
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
         self.config = deepspeed_config(cfg, world)
+        if _precision(cfg) is not None:   # DeepSpeed casts weights, not BN statistics: keep BN math in fp32
+            from pretrain.models import convert_to_fp32_bn
+
+            convert_to_fp32_bn(method)
         method.to(device)
         self.engines = {}
         for p in method.phases:

@@ -14,11 +14,37 @@ import torch.nn.functional as F
 from pretrain.losses.distributed import all_reduce_sum_with_grad, world_info
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+class Fp32BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm computed in fp32 whatever the dtype of its input and weights, returning the input's
+    dtype. DeepSpeed's bf16/fp16 modes cast parameters but not buffers, and PyTorch's batch_norm
+    rejects half-precision weights with fp32 running statistics; this keeps the statistics in fp32."""
+
     def _check_input_dim(self, x):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
+    def forward(self, x):
+        use_batch = self.training or not self.track_running_stats
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, w, b, use_batch, m, self.eps).to(x.dtype)
+
+
+def convert_to_fp32_bn(module: nn.Module) -> nn.Module:
+    """Replace plain BatchNorm1d/2d/3d layers (recursively) with Fp32BatchNorm, keeping state."""
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        new = Fp32BatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new.to(module.weight.device if module.weight is not None else "cpu")
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_fp32_bn(child))
+    return module
+
+
+class GlobalBatchNorm(Fp32BatchNorm):
     def forward(self, x):
         if not self.training or world_info()[1] == 1:
             return super().forward(x)
