@@ -258,4 +258,4 @@ def test_eval_knn_on_a_runs_own_features(ref_run, digits_shards):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert "method features" in r["backbone"] and 0 < r["top1"] <= 1
     # SimCLR's features are its backbone's: the same figure as the final online monitor on the same splits
-    assert r["top1"] == pytest.approx(ref_run[2]["knn_top1"], abs=1e-6)
+    assert r["top1"] == pytest.approx(ref_run[2]["knn_top1"], abs=1e-4)   # both rounded when printed
