@@ -40,6 +40,9 @@ def _views(t: torch.Tensor, o: torch.Tensor):
     ZeRO-3 this rank's partitions, plus the full tensors while they are materialised on every rank
     (ZeRO-3 keeps small "persistent" parameters whole after their first forward and would not
     re-gather a frozen one, so its full copy must be updated too, identically)."""
+    if hasattr(t, "ds_tensor") != hasattr(o, "ds_tensor"):
+        raise ValueError("EMA: one network is partitioned by ZeRO-3 and the other is not; put both under the "
+                         "same DeepSpeed engine (or use ZeRO-1/2)")
     if not hasattr(t, "ds_tensor"):
         return [("full", t.data, o.data)]
     views = [("part", t.ds_tensor, o.ds_tensor)]
