@@ -55,7 +55,7 @@ def _multi_engine_weights(ckpt: Path, phase_dirs, config: dict) -> dict:
         for k, v in part.items():
             sd[full[id(own[k])]] = v
         # buffers (BN statistics) are not in the fp32 partitions: take them from the module states file
-        states = torch.load(next(d.glob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=True)
+        states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         for k, v in states["module"].items():
             sd.setdefault(full[id(own[k])], v)
         sd.update(states.get("unmanaged", {}))

@@ -134,7 +134,7 @@ class DDPBackend(_Phases):
     def set_lr(self, lr: float):
         for opt in self.optimizers.values():
             for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+                g["lr"] = lr
 
     def eval_module(self):
         """The method to run evaluation forwards on, outside the training wrapper."""
@@ -249,7 +249,7 @@ class DeepSpeedBackend(_Phases):
     def set_lr(self, lr: float):
         for engine in self.engines.values():
             for g in engine.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+                g["lr"] = lr
 
     def _stage3(self) -> bool:
         return self.config["zero_optimization"].get("stage", 0) == 3

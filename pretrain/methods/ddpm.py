@@ -30,6 +30,14 @@ def betas_for(schedule: str, T: int) -> torch.Tensor:
     raise ValueError(f"method.schedule must be linear or cosine, got {schedule!r}")
 
 
+def posterior(x_t, x0, abar_t, abar_prev):
+    """Mean and variance of q(x_prev | x_t, x_0), where the step from abar_prev to abar_t has
+    beta = 1 - abar_t / abar_prev (one DDPM step, or a strided one when sampling with fewer steps)."""
+    beta = 1 - abar_t / abar_prev
+    mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
+    return mean, beta * (1 - abar_prev) / (1 - abar_t)
+
+
 @METHODS.register("ddpm")
 class DDPM(GenerativeMethod):
     defaults = {"timesteps": 1000, "schedule": "cosine", "prediction": "eps", "base_channels": 64,
@@ -112,9 +120,7 @@ class DDPM(GenerativeMethod):
             if sampler == "ddim":                                               # deterministic (eta = 0)
                 x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
             else:                                                               # ancestral, strided betas
-                beta = 1 - abar_t / abar_prev
-                mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x
-                var = beta * (1 - abar_prev) / (1 - abar_t)
+                mean, var = posterior(x, x0, abar_t, abar_prev)
                 x = mean + (var.sqrt() * randn(x.shape, generator, dev) if t_prev >= 0 else 0)
         return x.clamp(-1, 1)
 
@@ -125,10 +131,7 @@ class DDPM(GenerativeMethod):
         T, net = self.T, self.unet_ema
 
         def q_post(x_t, t, x0_):
-            ab, abp = self._a("abar", t, x_t), self._a("abar_prev", t, x_t)
-            beta = 1 - ab / abp
-            mean = (abp.sqrt() * beta / (1 - ab)) * x0_ + ((1 - beta).sqrt() * (1 - abp) / (1 - ab)) * x_t
-            return mean, beta * (1 - abp) / (1 - ab)
+            return posterior(x_t, x0_, self._a("abar", t, x_t), self._a("abar_prev", t, x_t))
 
         # L_T: KL(q(x_T | x_0) || N(0, I))
         abT = self.abar[-1]
