@@ -81,9 +81,9 @@ def cmd_eval_gen(a):
     train, val = images(a.train, "--train"), images(a.val, "--val")
     g = torch.Generator().manual_seed(a.seed)
     out = {"eval": "gen", "run": str(a.run), "method": cfg.method.name, "step": step, "val": len(val)}
-    if method.bits_per_dim(to_signed(val[:2]), generator=g) is not None:
-        bpd = torch.cat([method.bits_per_dim(to_signed(x), generator=g) for x in val.split(a.batch_size)])
-        out.update(bits_per_dim=round(bpd.mean().item(), 4),
+    bpd = [method.bits_per_dim(to_signed(x), generator=g) for x in val.split(a.batch_size)]
+    if bpd[0] is not None:   # None: a model without a likelihood (GAN)
+        out.update(bits_per_dim=round(torch.cat(bpd).mean().item(), 4),
                    histogram_bits_per_dim=round(histogram_bits_per_dim(train, val), 4))
     if a.features:
         from pretrain.export import load_backbone
