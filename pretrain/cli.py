@@ -28,6 +28,12 @@ def cmd_train(a):
     metrics = train(load_config(a.config, a.overrides))
     if metrics and env_from().is_main:   # one line, not one per rank interleaved on a shared stdout
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+    if metrics.get("preempted") and not metrics.get("requeued"):
+        # stopped early with a checkpoint, and nobody requeued it: say so in the exit status
+        # (128 + signal, as a shell reports a process a signal ended), so a scheduler restarts it
+        import signal
+
+        sys.exit(128 + signal.Signals[metrics["preempted"]])
 
 
 def cmd_export(a):
@@ -161,6 +167,9 @@ def cmd_eval(a):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    # the `deepspeed` launcher puts --local_rank=N before our arguments; LOCAL_RANK, which it sets
+    # too, is what pretrain.dist reads
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("shards", help="write WebDataset shards from an image folder or a built-in dataset")

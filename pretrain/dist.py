@@ -84,9 +84,25 @@ def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 180
             backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
                           WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        # the backend's own collective timeout is a backstop: pretrain.engine.faults.Watchdog fires
+        # first (after timeout_s) and says which rank is behind
+        timeout = timedelta(seconds=timeout_s + max(60.0, 0.1 * timeout_s))
+        dist.init_process_group(backend, store=_attempt_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
     return device
+
+
+def _attempt_store(env: DistEnv, timeout: timedelta):
+    """Under torchrun: its store, with keys of this restart attempt's own (None otherwise: env://).
+
+    torchrun keeps one key-value store across `--max-restarts` restarts, and the process group's
+    keys carry no attempt number, so a restarted rank can read the address a dead rank of the
+    previous attempt published and fail with "Connection refused" (seen with torch 2.15)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"pretrain/attempt_{attempt}", store)
 
 
 def barrier() -> None:

@@ -67,6 +67,8 @@ def tb_scalars(run_dir, tag: str = "train/loss") -> Dict[int, float]:
     assert files, f"no TensorBoard event file under {run_dir}/tb"
     for f in files:
         for ev in EventFileLoader(f).Load():
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                out = {s: v for s, v in out.items() if s < ev.step}   # a resumed run's purge, as TensorBoard does it
             if not ev.HasField("summary"):
                 continue
             for v in ev.summary.value:
@@ -98,3 +100,53 @@ def error_line(p: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in p.stderr, p.stderr[-4000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr is not one error line:\n{p.stderr[-4000:]}"
     return lines[0]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate()` until it returns something truthy (returned); fail the test after `timeout` s."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def logged_step(run_dir) -> int:
+    """The last step rank 0 logged to run_dir/log.txt (needs log.every_steps=1), 0 if none yet."""
+    import re
+
+    try:
+        steps = re.findall(r"\] INFO pretrain: step (\d+) ", (Path(run_dir) / "log.txt").read_text())
+    except FileNotFoundError:
+        return 0
+    return int(steps[-1]) if steps else 0
+
+
+def worker_pids(agent_pid: int) -> Dict[int, int]:
+    """{RANK: pid} of the training processes a torchrun agent started (its children with RANK set)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            out[int(env["RANK"])] = int(d.name)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -86,21 +86,28 @@ def test_resume_from_step_k_matches_uninterrupted_run(tmp_path, ref_run, experim
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_killed_checkpoint_save_keeps_previous_and_resume_cleans_up(tmp_path, digits_shards, experiment):
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_killed_checkpoint_save_keeps_previous_and_resume_cleans_up(tmp_path, digits_shards, experiment, backend):
     run_dir = tmp_path / "run"
-    ov = train_overrides(digits_shards, run_dir, train__max_steps=4, checkpoint__every_steps=2)
-    p = run([sys.executable, WORKERS / "kill_during_save.py", 2, "train", experiment, *ov], timeout=240)
+    kv = dict(train__backend="deepspeed", optim__name="adamw", optim__lr=1e-3) if backend == "deepspeed" else {}
+    ov = train_overrides(digits_shards, run_dir, train__max_steps=4, checkpoint__every_steps=2, **kv)
+    # DDP: one torch.save per checkpoint; DeepSpeed: model states, then each rank's optimizer shard
+    per_ckpt = 1 if backend == "ddp" else 2
+    p = run([sys.executable, WORKERS / "kill_during_save.py", per_ckpt + 1, "train", experiment, *ov], timeout=240)
     assert p.returncode == 17, p.stderr[-3000:]       # died inside the 2nd save (step 4)
     ckpts = run_dir / "checkpoints"
-    assert _ckpt_names(run_dir) == ["step_00000002.pt"]
+    first = "step_00000002.pt" if backend == "ddp" else "step_00000002"
+    assert _ckpt_names(run_dir) == [first]
     assert not any(PATTERN.match(f.name) and "00000004" in f.name for f in ckpts.iterdir())
-    state = torch.load(find_checkpoint(run_dir), map_location="cpu", weights_only=True)
-    assert state["step"] == 2
+    assert tmp_debris(ckpts)    # the half-written save is there, and ignored
+    if backend == "ddp":
+        state = torch.load(find_checkpoint(run_dir), map_location="cpu", weights_only=True)
+        assert state["step"] == 2
 
     # resuming continues from step 2 and leaves no debris of the killed save behind
     cli("train", experiment, *ov, check=True)
     assert "resumed from step 2" in (run_dir / "log.txt").read_text()
-    assert _ckpt_names(run_dir) == ["step_00000002.pt", "step_00000004.pt"]
+    assert _ckpt_names(run_dir) == [first, first.replace("2", "4")]
     assert tmp_debris(run_dir) == []
 
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.config import ConfigError
+from pretrain.engine.checkpoint import CheckpointError
 from pretrain.engine.optim import build_optimizer
 from pretrain.utils import atomic_path
 
@@ -209,8 +214,11 @@ class DeepSpeedBackend(_Phases):
         import deepspeed
 
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if not dist.is_initialized():  # DeepSpeed insists on a process group, even for one process
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        if not dist.is_initialized():  # DeepSpeed insists on a process group, even for one process (no launcher
+            # variables to rendezvous with: an in-memory store does for a group of one)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+            for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):   # DeepSpeed asserts on these
+                os.environ.setdefault(k, v)
         self.config = deepspeed_config(cfg, world)
         if _precision(cfg) is not None:   # DeepSpeed casts weights, not BN statistics: keep BN math in fp32
             from pretrain.models import convert_to_fp32_bn
@@ -299,15 +307,51 @@ class DeepSpeedBackend(_Phases):
         dist.barrier()
 
     def load(self, path: Path) -> dict:
-        if self.single:
-            _, client_state = self.model.load_checkpoint(str(path.parent), tag=path.name)
-            return client_state
+        where = {p: (path.parent, path.name) if self.single else (path, p) for p in self.engines}
         for p, engine in self.engines.items():
-            _, client_state = engine.load_checkpoint(str(path), tag=p)
+            ckpt_dir, tag = where[p]
+            universal = to_universal(ckpt_dir, tag, dist.get_world_size())
+            if universal:   # tell the engine to read the universal layout (read at load time, not init)
+                engine._config.load_universal_checkpoint = True
+                ckpt_dir, tag = universal
+            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            engine._config.load_universal_checkpoint = False
+        if self.single:
+            return client_state
         unmanaged = client_state.pop("unmanaged", {})
         if unmanaged:
             self.module.load_state_dict(unmanaged, strict=False)
         return client_state
+
+
+def to_universal(ckpt_dir: Path, tag: str, world: int):
+    """A ZeRO checkpoint `ckpt_dir/tag` written by a different number of ranks than `world` ->
+    (dir, tag) of its conversion to DeepSpeed's universal format (world-size free), made once by
+    rank 0 with `deepspeed.checkpoint.ds_to_universal` beside the original; None when the
+    checkpoint needs no conversion."""
+    from pretrain.engine.logger import log
+
+    saved = len(list((Path(ckpt_dir) / tag).glob("*zero_pp_rank_*_optim_states.pt")))   # one per rank
+    if not saved or saved == world:
+        return None
+    out = Path(ckpt_dir) / f"{tag}.universal"
+    if dist.get_rank() == 0 and not out.is_dir():
+        log.warning("%s was written by %d ranks and this run has %d: converting it to DeepSpeed's universal "
+                    "checkpoint format in %s (once)", Path(ckpt_dir) / tag, saved, world, out)
+        tmp = out.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(ckpt_dir) / tag),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            err = (p.stderr.strip().splitlines() or ["?"])[-1]
+            raise CheckpointError(f"{Path(ckpt_dir) / tag} was written by {saved} ranks; this run has {world}, and "
+                                  f"converting it to DeepSpeed's universal format failed ({err}); resume on {saved} ranks")
+        tmp.rename(out)
+        (Path(ckpt_dir) / "latest_universal").unlink(missing_ok=True)   # the converter's pointer file; we load by tag
+    dist.barrier()
+    return out.parent, out.name
 
 
 BACKENDS = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.engine.logger import log
+
 PATTERN = re.compile(r"^step_(\d{8})(\.pt)?$")
 
 
@@ -90,8 +92,10 @@ class Checkpointer:
     def _prune(self):
         for old in list_checkpoints(self.dir)[:-self.keep_last]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-        # debris of a save that was killed: DeepSpeed's .tmp-step_* dirs, DDP's .step_*.pt.*.tmp files
-        for tmp in [*self.dir.glob(".tmp-*"), *self.dir.glob(".step_*.tmp")]:
+        # debris of a save that was killed: DeepSpeed's .tmp-step_* dirs, DDP's .step_*.pt.*.tmp files;
+        # universal conversions (a resume on another world size) of checkpoints pruned since
+        stale = [u for u in self.dir.glob("step_*.universal") if not (self.dir / u.stem).exists()]
+        for tmp in [*self.dir.glob(".tmp-*"), *self.dir.glob(".step_*.tmp"), *stale]:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def resume(self, mode, run_dir: Path) -> Optional[dict]:
@@ -112,4 +116,10 @@ class Checkpointer:
         rngs = state.get("rng") or []
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
+        else:
+            # another world size: same global batch and schedules, but each rank's share of the data
+            # and its random stream are new, so the run continues correctly, not bit-identically
+            log.warning("%s was written by %d rank(s) and this run has %d: resuming with the same global batch; "
+                        "data order and random streams differ from an uninterrupted run", path, len(rngs), self.world)
+            torch.manual_seed(hash((state["step"], self.rank, self.world)) % 2 ** 31)
         return state

@@ -32,7 +32,9 @@ class RunLogger:
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
+            # on resume from step `start`, TensorBoard drops the earlier run's events from step start+1
+            # on (logged after that checkpoint, about to be logged again); step `start` itself stays
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
         show = sys.stderr.isatty() if progress == "auto" else bool(progress)
         if is_main and show:
             from tqdm import tqdm

@@ -3,10 +3,16 @@
     setup -> resume -> for each step: schedule -> for each optimizer phase (one for most methods;
           D then G for a GAN): forward -> backward (x grad_accum) -> clip+step
           -> after-step hook (EMA etc.) -> log -> samples / kNN monitor -> checkpoint
+          (-> on a preemption signal: checkpoint, requeue, stop)
+
+`train()` sets up and resumes; `_loop()` is the loop. Around it, `Preemption` turns SIGUSR1/SIGTERM
+into a clean stop after a step that all ranks agree on, and `Watchdog` turns a hung rank into an
+error naming it (pretrain/engine/faults.py).
 """
 from __future__ import annotations
 
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -19,6 +25,7 @@ from pretrain.config import ConfigError, save_config, to_dict
 from pretrain.data import build_train_loader, count_samples, eval_loader
 from pretrain.engine.backends import create_backend
 from pretrain.engine.checkpoint import Checkpointer
+from pretrain.engine.faults import Preemption, Watchdog, default_store
 from pretrain.engine.logger import RunLogger, log, setup_text_log
 from pretrain.schedules import scaled_lr, warmup_cosine
 from pretrain.evaluation import extract_features, knn_accuracy
@@ -127,6 +134,19 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
         log.info("%s on %d rank(s) (%s), %s: %d steps (%d/epoch), local batch %d x accum %d, peak lr %.4g",
                  cfg.method.name, env.world_size, env.source, device, p["total"], p["steps_per_epoch"],
                  p["local_batch"], acc, p["lr"])
+    # before the loader: its forked workers inherit the handlers (a signal to the whole process tree
+    # must not kill them); the watchdog needs the step we start from
+    with Preemption(cfg.preempt.signals, cfg.preempt.requeue) as preempt, \
+            Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, default_store()) as watch:
+        metrics = _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch)
+        if preempt.agreed:
+            metrics.update(preempted=signal.Signals(preempt.agreed).name, requeued=preempt.requeue())
+    pdist.barrier()
+    return metrics
+
+
+def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch) -> dict:
+    device, acc = backend.device, cfg.train.grad_accum
     loader = None
     if data is None:
         loader = build_train_loader(cfg, method.num_views, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
@@ -137,6 +157,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     losses_sum, n_logged, wait, t_last, metrics = None, 0, 0.0, time.perf_counter(), {}
     multi = len(method.phases) > 1
     for step in range(start, p["total"]):
+        watch.mark(step, "step")
         lr = warmup_cosine(step, p["total"], p["lr"], p["warmup"], cfg.optim.min_lr)
         backend.set_lr(lr)
         done = step + 1
@@ -149,7 +170,9 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
                         batch = micro[i]
                     else:
                         t0 = time.perf_counter()
+                        watch.mark(step, "data")
                         batch = next(data)
+                        watch.mark(step, "step")
                         wait += time.perf_counter() - t0
                         if multi:
                             micro.append(batch)
@@ -168,6 +191,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
         logger.advance()
 
         if log_now:
+            watch.mark(step, "log")
             # one collective: the rank-mean of the losses, and of the corrupt-sample counts (x W = sum)
             skipped = torch.tensor([float(loader.skipped if loader else 0)], device=losses_sum.device)
             *mean, skipped = pdist.all_reduce_mean(torch.cat([losses_sum / n_logged, skipped])).tolist()
@@ -182,16 +206,22 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
         if cfg.log.sample_every_steps and hasattr(method, "sample") and (
                 done % cfg.log.sample_every_steps == 0 or done == p["total"]):
+            watch.mark(step, "eval")
             sample_grid(backend, cfg, logger, run_dir, done, env.is_main)
             t_last = time.perf_counter()
         if cfg.data.val and method.backbone is not None and (
                 (cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
+            watch.mark(step, "eval")
             metrics["knn_top1"] = knn_monitor(backend, cfg)
             logger.scalars(done, {"knn_top1": metrics["knn_top1"]}, prefix="eval/")
             t_last = time.perf_counter()
-        if done % cfg.checkpoint.every_steps == 0 or done == p["total"]:
+        stop = preempt.check()   # True on every rank together, once any rank got a preemption signal
+        if stop or done % cfg.checkpoint.every_steps == 0 or done == p["total"]:
+            watch.mark(step, "checkpoint")
             ckpt.save(done, step // p["steps_per_epoch"], config_dict, method.extra_state())
             t_last = time.perf_counter()
+        if stop:
+            log.warning("preempted by %s at step %d: checkpoint written, stopping", signal.Signals(preempt.agreed).name, done)
+            break
     logger.close()
-    pdist.barrier()
     return metrics
