@@ -134,8 +134,8 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
         log.info("%s on %d rank(s) (%s), %s: %d steps (%d/epoch), local batch %d x accum %d, peak lr %.4g",
                  cfg.method.name, env.world_size, env.source, device, p["total"], p["steps_per_epoch"],
                  p["local_batch"], acc, p["lr"])
-    # before the loader: its forked workers inherit the handlers (a signal to the whole process tree
-    # must not kill them); the watchdog needs the step we start from
+    # handlers before the loader starts its workers: forked workers inherit them, so a signal sent to
+    # the whole process tree (SLURM does that) does not kill them
     with Preemption(cfg.preempt.signals, cfg.preempt.requeue) as preempt, \
             Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, default_store()) as watch:
         metrics = _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch)
