@@ -6,8 +6,8 @@ setup(
     version="0.1.0",
     description="Self-supervised and generative pretraining of timm vision backbones on WebDataset shards",
     python_requires=">=3.9",
-    packages=find_packages(include=["pretrain", "pretrain.*"]),
-    package_data={"pretrain": ["configs/*.yaml"]},
+    packages=find_packages(include=["pretrain", "pretrain.*", "launch"]),
+    package_data={"pretrain": ["configs/*.yaml"], "launch": ["*.sbatch"]},
     install_requires=[
         "torch>=2.3,<3",
         "torchvision>=0.18",

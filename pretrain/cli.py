@@ -1,4 +1,4 @@
-"""`pretrain` command line: shards | train | export | eval.
+"""`pretrain` command line: shards | train | slurm | export | eval | sample.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit code 2.
 """
@@ -34,6 +34,12 @@ def cmd_train(a):
         import signal
 
         sys.exit(128 + signal.Signals[metrics["preempted"]])
+
+
+def cmd_slurm(a):
+    from launch.slurm import submit   # the launcher: asks SLURM for nodes and runs `train` there
+
+    return submit(a)
 
 
 def cmd_export(a):
@@ -187,6 +193,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
     t.set_defaults(fn=cmd_train)
 
+    from launch.slurm import add_arguments as slurm_arguments
+
+    sl = sub.add_parser("slurm", help="submit a training run to SLURM (torchrun on every node)",
+                        description="Write a SLURM batch script for a run into its run dir and submit it (see docs/slurm.md).")
+    slurm_arguments(sl)
+    sl.set_defaults(fn=cmd_slurm)
+
     e = sub.add_parser("export", help="write the trained backbone as safetensors + JSON")
     e.add_argument("run_dir", help="run dir (newest checkpoint) or a checkpoint")
     e.add_argument("--out", required=True)
@@ -230,19 +243,26 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # key=value overrides may come after options (`pretrain slurm CFG --nodes 2 a=b`), which argparse
+    # leaves over once it has filled the positional list
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from pretrain.config import ConfigError
     from pretrain.data import DataError
     from pretrain.engine.checkpoint import CheckpointError
     from pretrain.models import ModelError
 
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except (ConfigError, DataError, ModelError, CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -102,6 +102,15 @@ def load_config(experiment: Optional[str] = None, overrides: Iterable[str] = ())
     return cfg
 
 
+def batch_split(cfg: DictConfig, world: int) -> int:
+    """The per-rank micro-batch: train.global_batch_size / (world x train.grad_accum), which must divide."""
+    gb, acc = cfg.train.global_batch_size, cfg.train.grad_accum
+    if gb % (world * acc):
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by world size {world} x "
+                          f"train.grad_accum {acc}; pick a multiple of {world * acc}")
+    return gb // (world * acc)
+
+
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -116,4 +125,4 @@ def save_config(cfg: DictConfig, path) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["ConfigError", "load_config", "save_config", "to_dict", "from_dict", "ListConfig"]
+__all__ = ["ConfigError", "batch_split", "load_config", "save_config", "to_dict", "from_dict", "ListConfig"]

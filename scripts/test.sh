@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Fresh machine -> .venv with everything installed -> the whole test suite (multi-process tests
-# start real gloo processes on CPU). Extra arguments go to pytest, e.g. ./scripts/test.sh -m "not slow".
+# start real gloo processes on CPU; tests/test_slurm.py starts a real 2-node SLURM cluster on this
+# machine, which needs root and Debian's slurm packages: installed here when we are root with apt).
+# Extra arguments go to pytest, e.g. ./scripts/test.sh -m "not slow".
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  python scripts/local_slurm.py install
+fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 python -m pytest -q -p no:cacheprovider "$@"

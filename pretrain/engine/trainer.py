@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import dist as pdist
-from pretrain.config import ConfigError, save_config, to_dict
+from pretrain.config import ConfigError, batch_split, save_config, to_dict
 from pretrain.data import build_train_loader, count_samples, eval_loader
 from pretrain.engine.backends import create_backend
 from pretrain.engine.checkpoint import Checkpointer
@@ -35,10 +35,7 @@ from pretrain.models import convert_sync_bn
 
 def plan(cfg, world: int) -> dict:
     """Batch sizes and step counts a config implies on `world` ranks; errors say what to change."""
-    gb, acc = cfg.train.global_batch_size, cfg.train.grad_accum
-    if gb % (world * acc):
-        raise ConfigError(f"train.global_batch_size={gb} is not divisible by world size {world} x "
-                          f"train.grad_accum {acc}; pick a multiple of {world * acc}")
+    gb, local_batch = cfg.train.global_batch_size, batch_split(cfg, world)
     per_epoch = cfg.data.samples_per_epoch or count_samples(cfg.data.train)
     if cfg.data.val:   # fail now, not after training when the final kNN monitor first reads it
         count_samples(cfg.data.val, "data.val")
@@ -50,7 +47,7 @@ def plan(cfg, world: int) -> dict:
                           f"raise data.samples_per_epoch or lower the batch")
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
-    return dict(local_batch=gb // (world * acc), steps_per_epoch=steps_per_epoch, total=total,
+    return dict(local_batch=local_batch, steps_per_epoch=steps_per_epoch, total=total,
                 warmup=min(warmup, total), lr=scaled_lr(cfg.optim.lr, gb, cfg.optim.lr_scaling))
 
 
