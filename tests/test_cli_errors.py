@@ -125,9 +125,10 @@ def test_batch_not_divisible_by_world_under_torchrun(tmp_path, digits_shards, ex
     p = torchrun("-m", "pretrain.cli", "train", experiment,
                  *train_overrides(digits_shards, run_dir, train__global_batch_size=33), timeout=150)
     assert p.returncode != 0
-    # each rank prints one error line; no rank prints a traceback (torchrun's own summary aside)
+    # each rank prints one error line; no rank prints a traceback (torchrun's own summary aside). The
+    # first rank to exit makes torchrun SIGTERM the other, which may not have printed its line yet
     errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
-    assert len(errors) == 2 and all("train.global_batch_size=33" in l and "world size 2" in l for l in errors), p.stderr
+    assert 1 <= len(errors) <= 2 and all("train.global_batch_size=33" in l and "world size 2" in l for l in errors), p.stderr
     assert not re.search(r"\[rank\d\]:.*Traceback", p.stderr), p.stderr[-4000:]
     assert "pretrain/engine" not in p.stderr   # no frames from our code
     _no_debris(run_dir)
