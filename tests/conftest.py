@@ -16,6 +16,17 @@ torch.set_num_threads(1)
 from helpers import cli, train_overrides  # noqa: E402
 
 
+# Files that take longest (or wait longest on something outside the CPU, like the SLURM queue) run
+# first, so that with pytest-xdist (scripts/test.sh: -n 2 --dist loadfile) the other worker fills
+# the gaps instead of idling at the end. Tests inside a file keep their order.
+LONG_FIRST = ("test_slurm.py", "test_deepspeed.py", "test_faults.py", "test_generative.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """<dir>/{train,val}/shard-*.tar + index.json: 1797 real digits, 100 per shard, 10% val."""

@@ -23,10 +23,12 @@ STEPS = 3
 SIZE = 32
 
 
-def _run(tmp_path_factory, shards, experiment, name, **kv):
+def _run(tmp_path_factory, shards, experiment, name, knn=False, **kv):
+    """A 2-rank run of STEPS steps; `knn`: with the final kNN monitor on the val split (only the
+    runs whose monitor a test compares pay for it: on 2 CPU cores it costs more than the steps)."""
     run_dir = tmp_path_factory.mktemp("ds") / name
     ov = train_overrides(shards, run_dir, train__max_steps=STEPS, optim__name="sgd", checkpoint__every_steps=2,
-                         data__val=f"{shards}/val", data__image_size=SIZE, **kv)
+                         data__val=f"{shards}/val" if knn else "null", data__image_size=SIZE, **kv)
     p = torchrun("-m", "pretrain.cli", "train", experiment, *ov, timeout=580, check=True)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     assert len(lines) == 1, p.stdout   # the final metrics, printed by rank 0 only
@@ -36,12 +38,12 @@ def _run(tmp_path_factory, shards, experiment, name, **kv):
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, digits_shards, experiment):
-    return _run(tmp_path_factory, digits_shards, experiment, "ddp")
+    return _run(tmp_path_factory, digits_shards, experiment, "ddp", knn=True)
 
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, digits_shards, experiment):
-    return _run(tmp_path_factory, digits_shards, experiment, "zero3", train__backend="deepspeed",
+    return _run(tmp_path_factory, digits_shards, experiment, "zero3", knn=True, train__backend="deepspeed",
                 deepspeed__zero_stage=3)
 
 

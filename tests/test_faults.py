@@ -130,15 +130,6 @@ def test_hung_rank_ends_with_an_error_naming_it(tmp_path, digits_shards, experim
     assert took < 120, took   # not an endless hang: the 8 s timeout, plus start-up and teardown
 
 
-def test_ddp_resume_on_another_world_size(tmp_path, digits_shards, experiment):
-    run_dir = tmp_path / "run"
-    torchrun("-m", "pretrain.cli", "train", experiment, *_ov(digits_shards, run_dir, train__max_steps=4), check=True)
-    cli("train", experiment, *_ov(digits_shards, run_dir, train__max_steps=6), check=True)
-    text = (run_dir / "log.txt").read_text()
-    assert "written by 2 rank(s) and this run has 1" in text and "resumed from step 4" in text
-    assert _ckpts(run_dir)[-1] == "step_00000006.pt"
-
-
 _ADAM = dict(optim__name="adamw", optim__lr=1e-3, checkpoint__every_steps=4)
 
 

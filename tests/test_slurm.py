@@ -11,7 +11,6 @@ import importlib.util
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -56,6 +55,14 @@ def _job(env, job) -> dict:
     return dict(kv.split("=", 1) for kv in line[0].split() if "=" in kv) if line else {}
 
 
+def _ended(env, job, timeout: float = 300) -> dict:
+    """Poll until `job` (or array task `job_i`) has ended; its `scontrol show job` record. (Faster
+    than `sbatch --wait`, which polls at 2, 10, 42... s; test 1 uses that.)"""
+    states = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+    return wait_for(lambda: (lambda j: j if j.get("JobState") in states else None)(_job(env, job)), timeout,
+                    f"job {job} to end", interval=0.5)
+
+
 def _queue(env) -> str:
     return subprocess.run(["squeue", "-h"], env=child_env(**env), capture_output=True, text=True).stdout.strip()
 
@@ -63,10 +70,6 @@ def _queue(env) -> str:
 def _ov(shards, run_dir, **kv):
     kv = {"train__max_steps": 12, "checkpoint__every_steps": 4, "train__global_batch_size": 16, **kv}
     return train_overrides(shards, run_dir, **kv)
-
-
-def _slurm_cmd(experiment, overrides, *opts):
-    return [sys.executable, "-m", "pretrain.cli", "slurm", str(experiment), *overrides, "--cpus-per-task", "1", *opts]
 
 
 def _ckpts(run_dir):
@@ -89,22 +92,19 @@ def test_two_node_job_trains_to_the_configured_steps(slurm, tmp_path, digits_sha
 
 def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(slurm, tmp_path, digits_shards, experiment):
     run_dir, steps = tmp_path / "run", 30
-    cmd = _slurm_cmd(experiment, _ov(digits_shards, run_dir, train__max_steps=steps, checkpoint__every_steps=10),
-                     "--nodes", "2", "--wait")
-    p = subprocess.Popen(cmd, cwd=REPO, env=child_env(**slurm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: logged_step(run_dir) >= 3, 180, "step 3 of the SLURM job")
-        job = wait_for(lambda: _queue(slurm).split()[0] if _queue(slurm) else None, 10, "the job in squeue")
-        subprocess.run(["scancel", "--signal=USR1", job], env=child_env(**slurm), check=True)
-        # SLURM holds a requeued job for ~2 minutes (BeginTime) before it may start again; cut that
-        # short, so the test does not wait
-        wait_for(lambda: _job(slurm, job).get("Restarts") == "1" and _job(slurm, job)["JobState"] == "PENDING",
-                 120, "the job to be requeued")
-        _scontrol(slurm, "update", f"JobId={job}", "StartTime=now")
-        out, err = p.communicate(timeout=300)
-    finally:
-        p.kill()
-    assert p.returncode == 0, out + err[-3000:]
+    p = cli("slurm", experiment, *_ov(digits_shards, run_dir, train__max_steps=steps, checkpoint__every_steps=10),
+            "--nodes", "2", "--cpus-per-task", "1", **slurm)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    job = re.search(r"submitted job (\d+)", p.stdout).group(1)
+    wait_for(lambda: logged_step(run_dir) >= 3, 180, "step 3 of the SLURM job")
+    subprocess.run(["scancel", "--signal=USR1", job], env=child_env(**slurm), check=True)
+    # SLURM holds a requeued job for ~2 minutes (BeginTime) before it may start again; cut that
+    # short, so the test does not wait
+    wait_for(lambda: _job(slurm, job).get("Restarts") == "1" and _job(slurm, job)["JobState"] == "PENDING",
+             120, "the job to be requeued")
+    _scontrol(slurm, "update", f"JobId={job}", "StartTime=now")
+    info = _ended(slurm, job)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), info
     log_txt = (run_dir / "log.txt").read_text()
     stop = int(re.search(r"\[rank0\] WARNING pretrain: preempted by SIGUSR1 at step (\d+)", log_txt).group(1))
     assert 3 <= stop < steps, log_txt[-3000:]
@@ -115,23 +115,22 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(slurm, tmp_path
     # exactly the configured steps, one loss per step across both attempts
     assert sorted(tb_scalars(run_dir)) == list(range(1, steps + 1))
     assert _ckpts(run_dir)[-1] == f"step_{steps:08d}.pt"
-    info = _job(slurm, job)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1")
 
 
 def test_job_array_runs_every_sweep_point(slurm, tmp_path, digits_shards, experiment):
     sweep = tmp_path / "sweep"
     p = cli("slurm", experiment, *_ov(digits_shards, sweep, train__max_steps=4), "--nodes", "1", "--nproc-per-node", "2",
-            "--cpus-per-task", "2", "--array", "optim.lr=0.1,0.2", "--wait", timeout=300, **slurm)
+            "--cpus-per-task", "2", "--array", "optim.lr=0.1,0.2", **slurm)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    job = re.search(r"submitted job (\d+)", p.stdout).group(1)
+    job = re.search(r"submitted 2 array tasks (\d+)", p.stdout).group(1)
+    for i in range(2):
+        assert _ended(slurm, f"{job}_{i}")["JobState"] == "COMPLETED"
     for i, lr in enumerate(["0.1", "0.2"]):
         run_dir = sweep / f"{i}-optim.lr={lr}"
         assert _ckpts(run_dir) == ["step_00000004.pt"], sorted(sweep.rglob("*"))
         assert f"\n  lr: {lr}\n" in (run_dir / "config.yaml").read_text()
         assert "on 2 rank(s) (torchrun)" in (run_dir / "log.txt").read_text()
         assert (sweep / f"slurm-{job}_{i}.out").is_file()
-        assert _job(slurm, f"{job}_{i}")["JobState"] == "COMPLETED"
 
 
 @pytest.mark.parametrize("opts,reason", [
