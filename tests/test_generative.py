@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import cli, error_line, tb_scalars, train_overrides
+from helpers import cli, tb_scalars, train_overrides
 from pretrain.config import load_config
 from pretrain.evaluation.generative import frechet_distance, histogram_bits_per_dim
 from pretrain.losses.likelihood import discretized_log_prob, logistic_mixture_log_prob
@@ -167,10 +167,18 @@ def test_sample_cli_is_reproducible(tmp_path, ddpm_run):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
-def test_sample_cli_errors(tmp_path, ddpm_run, ref_run):
-    assert "step count must be in" in error_line(cli("sample", ddpm_run, "--out", tmp_path / "x.png", "--steps", "0"))
-    assert "no checkpoint in" in error_line(cli("sample", tmp_path / "empty", "--out", tmp_path / "x.png"))
-    assert "does not generate images" in error_line(cli("sample", ref_run[0], "--out", tmp_path / "x.png"))
+def test_sample_cli_errors(tmp_path, ddpm_run, ref_run, capsys):
+    from pretrain.cli import main
+
+    def error(*args):   # `pretrain sample ...` in this process: exit code 2 and one error line, no traceback
+        capsys.readouterr()
+        rc, err = main(["sample", *map(str, args)]), capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error: ") and "\n" not in err, (rc, err)
+        return err
+
+    assert "step count must be in" in error(ddpm_run, "--out", tmp_path / "x.png", "--steps", "0")
+    assert "no checkpoint in" in error(tmp_path / "empty", "--out", tmp_path / "x.png")
+    assert "does not generate images" in error(ref_run[0], "--out", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -119,8 +119,8 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(slurm, tmp_path
 
 def test_job_array_runs_every_sweep_point(slurm, tmp_path, digits_shards, experiment):
     sweep = tmp_path / "sweep"
-    p = cli("slurm", experiment, *_ov(digits_shards, sweep, train__max_steps=4), "--nodes", "1", "--nproc-per-node", "2",
-            "--cpus-per-task", "2", "--array", "optim.lr=0.1,0.2", **slurm)
+    p = cli("slurm", experiment, *_ov(digits_shards, sweep, train__max_steps=4), "--nodes", "1",
+            "--cpus-per-task", "1", "--array", "optim.lr=0.1,0.2", **slurm)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     job = re.search(r"submitted 2 array tasks (\d+)", p.stdout).group(1)
     for i in range(2):
@@ -129,7 +129,7 @@ def test_job_array_runs_every_sweep_point(slurm, tmp_path, digits_shards, experi
         run_dir = sweep / f"{i}-optim.lr={lr}"
         assert _ckpts(run_dir) == ["step_00000004.pt"], sorted(sweep.rglob("*"))
         assert f"\n  lr: {lr}\n" in (run_dir / "config.yaml").read_text()
-        assert "on 2 rank(s) (torchrun)" in (run_dir / "log.txt").read_text()
+        assert "on 1 rank(s) (torchrun)" in (run_dir / "log.txt").read_text()
         assert (sweep / f"slurm-{job}_{i}.out").is_file()
 
 
