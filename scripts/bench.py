@@ -265,7 +265,7 @@ def engine_config(a, run_dir: Path, steps: int):
         "model.name=resnet18", "optim.name=lars", "optim.lr=0.3", "optim.warmup_steps=2",
         f"train.global_batch_size={a.batch}", f"train.max_steps={steps}", "train.precision=fp32",
         f"run_dir={run_dir}", "resume=never", "log.every_steps=10", "log.tensorboard=true", "log.progress=false",
-        "checkpoint.every_steps=1000000", "data.val=null",
+        "checkpoint.every_steps=1000000", "data.val=null", f"train.channels_last={a.channels_last}",
     ])
 
 
@@ -391,7 +391,8 @@ def bench_engine(a) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = {"views": torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g).to(dev),
              "label": torch.zeros(a.batch, dtype=torch.long), "seed": 0, "epoch": 0, "index": 0}
-    log(f"[engine] {a.method} resnet18 (proj 512-128), LARS, fp32, batch {a.batch} x 2 views at {a.image_size}px, "
+    layout = "channels_last " if a.channels_last else ""
+    log(f"[engine] {a.method} resnet18 (proj 512-128), LARS, fp32, {layout}batch {a.batch} x 2 views at {a.image_size}px, "
         f"{a.warmup} warmup + {a.steps} timed step pairs per run, {a.reps} reps, {dev}, "
         f"{torch.get_num_threads()} threads, load average {load()}")
     eng, bare, ratios, paired = [], [], [], []
@@ -403,7 +404,8 @@ def bench_engine(a) -> int:
         ratios.append(med(e) / med(b))
         log(f"  rep {r}: pretrain {med(e) * 1e3:7.1f} ms/step   bare {med(b) * 1e3:7.1f} ms/step   "
             f"ratio {ratios[-1]:.3f}")
-    print(f"\nEngine overhead, {a.method}: {a.reps} reps x {a.steps} interleaved step pairs, batch {a.batch} at {a.image_size}px "
+    what = a.method + (" with train.channels_last (bare loop NCHW)" if a.channels_last else "")
+    print(f"\nEngine overhead, {what}: {a.reps} reps x {a.steps} interleaved step pairs, batch {a.batch} at {a.image_size}px "
           f"({dev}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load()})")
     print("ratio: pretrain / bare, median over all step pairs (each pair ran back to back); per-rep: ratio of\n"
@@ -435,6 +437,9 @@ def main(argv=None) -> int:
     e.add_argument("--steps", type=int, default=20, help="timed step pairs per run")
     e.add_argument("--reps", type=int, default=5)
     e.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, = cores)")
+    e.add_argument("--channels-last", action="store_true",
+                   help="the engine side with train.channels_last=true (the bare loop stays NCHW): the ratio "
+                        "is then NHWC / NCHW plus the engine's overhead")
     for s in (d, e):
         s.add_argument("--quick", action="store_true", help="a fast smoke run (small and noisy)")
         s.add_argument("--work-dir", help="where to write images and runs, kept (default: a temporary dir, removed)")

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("which", ["data", "engine", "engine --method moco_v2"])
+@pytest.mark.parametrize("which", ["data", "engine --channels-last", "engine --method moco_v2"])
 def test_bench_quick_prints_a_ratio(which, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *which.split(), "--quick"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=240)

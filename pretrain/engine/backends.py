@@ -39,6 +39,15 @@ def _precision(cfg):
     return DTYPES[cfg.train.precision]
 
 
+def place(method, cfg, device):
+    """`method` on `device`; with train.channels_last its 4-d weights stored NHWC, so convolutions
+    pick NHWC kernels and hand NHWC activations on (cuDNN's fast path under bf16/fp16; measured on
+    CPU in docs/benchmarks.md). Other tensors keep their layout."""
+    if cfg.train.channels_last:
+        method.to(memory_format=torch.channels_last)
+    return method.to(device)
+
+
 @contextlib.contextmanager
 def only_training(method, phase: str):
     """Inside: only `phase`'s parameters (those that were trainable) require gradients."""
@@ -88,7 +97,7 @@ class DDPBackend(_Phases):
     name = "ddp"
 
     def __init__(self, method, cfg, device):
-        self.module = method.to(device)
+        self.module = place(method, cfg, device)
         self.device, self.accum, self.clip = device, cfg.train.grad_accum, cfg.train.clip_grad
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.model = method
@@ -198,6 +207,11 @@ def deepspeed_config(cfg, world: int) -> dict:
         raise ConfigError("optim.name=lars needs per-layer weight norms, which DeepSpeed's ZeRO stages 1-3 and "
                           "its bf16/fp16 optimizers flatten away; use optim.name=adamw or sgd with "
                           "train.backend=deepspeed, or train.backend=ddp (or deepspeed.zero_stage=0 with fp32)")
+    if cfg.train.channels_last and flat:
+        # the same flattening copies every parameter into a contiguous (NCHW) buffer
+        raise ConfigError("train.channels_last=true keeps conv weights NHWC, which DeepSpeed's ZeRO stages 1-3 "
+                          "and its bf16/fp16 optimizers flatten back to NCHW; set train.channels_last=false with "
+                          "train.backend=deepspeed, or use train.backend=ddp")
     return ds
 
 
@@ -224,7 +238,7 @@ class DeepSpeedBackend(_Phases):
             from pretrain.models import convert_to_fp32_bn
 
             convert_to_fp32_bn(method)
-        method.to(device)
+        place(method, cfg, device)
         self.engines = {}
         for p in method.phases:
             optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay, p), cfg.optim)
