@@ -207,11 +207,12 @@ def deepspeed_config(cfg, world: int) -> dict:
         raise ConfigError("optim.name=lars needs per-layer weight norms, which DeepSpeed's ZeRO stages 1-3 and "
                           "its bf16/fp16 optimizers flatten away; use optim.name=adamw or sgd with "
                           "train.backend=deepspeed, or train.backend=ddp (or deepspeed.zero_stage=0 with fp32)")
-    if cfg.train.channels_last and flat:
-        # the same flattening copies every parameter into a contiguous (NCHW) buffer
-        raise ConfigError("train.channels_last=true keeps conv weights NHWC, which DeepSpeed's ZeRO stages 1-3 "
-                          "and its bf16/fp16 optimizers flatten back to NCHW; set train.channels_last=false with "
-                          "train.backend=deepspeed, or use train.backend=ddp")
+    if cfg.train.channels_last:
+        # the same flattening copies every parameter into a contiguous (NCHW) buffer; ZeRO-0 in fp32
+        # would keep NHWC, but is DDP with extra steps: not worth an untested path
+        raise ConfigError("train.channels_last=true needs train.backend=ddp: DeepSpeed's ZeRO stages and "
+                          "bf16/fp16 optimizers flatten conv weights back to NCHW; set train.channels_last=false "
+                          "with train.backend=deepspeed")
     return ds
 
 
@@ -238,7 +239,7 @@ class DeepSpeedBackend(_Phases):
             from pretrain.models import convert_to_fp32_bn
 
             convert_to_fp32_bn(method)
-        place(method, cfg, device)
+        method.to(device)
         self.engines = {}
         for p in method.phases:
             optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay, p), cfg.optim)
