@@ -1,5 +1,7 @@
 """Every registered method, timm-style: builds from a config, trains a step, exports a backbone.
 Also: any timm model by name, a ViT with img_size included."""
+import copy
+
 import pytest
 import torch
 
@@ -18,8 +20,9 @@ def _batch(method, size=16, B=8):
 GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]   # generative methods model pixels in [-1, 1]
 
 
-def _small(name):
-    cfg = load_config(None, SMALL + [f"method.name={name}"] + (GEN if hasattr(METHODS.get(name), "sample") else []))
+def _small(name, *extra):
+    cfg = load_config(None, SMALL + [f"method.name={name}"] + (GEN if hasattr(METHODS.get(name), "sample") else [])
+                      + list(extra))
     return cfg, create_method(cfg)
 
 
@@ -56,6 +59,37 @@ def test_registered_method_trains_and_exports(name):
     assert all(id(p) in nodecay for p in method.parameters() if p.ndim == 1 and p.requires_grad)
     # frozen parameters (momentum encoders, EMA copies) are never handed to an optimizer
     assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_registered_method_is_layout_agnostic(name):
+    """train.channels_last: the method with NHWC 4-d weights (converted as the DDP backend does it)
+    gives the NCHW losses and gradients in every phase, so no method depends on the layout (masks,
+    .view() of activations, reshapes)."""
+    torch.manual_seed(0)
+    # MoCo v2's default split-BN of 8 groups would normalise single samples here, where float32
+    # rounding noise swamps the gradients of either layout; groups of 4 samples are well-conditioned
+    cfg, nchw = _small(name, *(["method.split_bn_groups=2"] if name == "moco_v2" else []))
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in nhwc.parameters())   # the copy really is NHWC
+    batch = _batch(nchw)
+    if hasattr(nchw, "sample"):
+        batch["views"] = batch["views"].clamp(-1, 1)
+    for phase in nchw.phases:
+        out = []
+        for m in (nchw, nhwc):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            loss = m(batch, phase)["loss"]
+            loss.backward()
+            out.append((loss.item(), {n: p.grad.flatten() for n, p in m.named_parameters() if p.grad is not None}))
+        (la, ga), (lb, gb) = out
+        assert lb == pytest.approx(la, rel=1e-4), phase
+        assert ga and ga.keys() == gb.keys()
+        # other kernels sum in another order: the gradient agrees to float32 rounding, which contrastive
+        # losses and BN amplify to <1% here (measured over seeds); a layout bug would be off by O(1)
+        a, b = torch.cat(list(ga.values())), torch.cat([gb[k] for k in ga])
+        assert (a - b).norm() / a.norm() < 2e-2, phase
 
 
 def test_vit_backbone_with_img_size_trains_under_simclr():
