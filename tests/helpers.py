@@ -102,6 +102,20 @@ def error_line(p: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def inproc_error_line(capsys, *args) -> str:
+    """`pretrain ARGS` via pretrain.cli.main in this process (same code path as `cli`, minus the
+    interpreter start-up): assert exit code 2 and exactly one `error: ...` line on stderr; return it.
+    An exception that escapes main (a traceback, in a real run) fails the test."""
+    from pretrain.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    return lines[0]
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll `predicate()` until it returns something truthy (returned); fail the test after `timeout` s."""
     import time

@@ -7,21 +7,8 @@ import re
 
 import pytest
 
-from helpers import cli, error_line, tmp_debris, torchrun, train_overrides
+from helpers import cli, error_line, inproc_error_line, tmp_debris, torchrun, train_overrides
 from pretrain.config import ConfigError, load_config
-
-
-def _inproc(capsys, *args):
-    """`pretrain ARGS` via pretrain.cli.main in this process: (exit code, stderr). An exception that
-    escapes main (a traceback, in a real run) fails the test."""
-    from pretrain.cli import main
-
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert rc != 0 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
-    return lines[0]
 
 
 def _train(experiment, shards, run_dir, **kv):
@@ -44,7 +31,8 @@ def test_missing_shard_path(tmp_path, digits_shards, experiment):
 
 def test_missing_val_shards_fail_before_training(tmp_path, digits_shards, experiment, capsys):
     missing = tmp_path / "nowhere" / "val"
-    line = _inproc(capsys, "train", experiment, *train_overrides(digits_shards, tmp_path / "run", data__val=missing))
+    line = inproc_error_line(capsys, "train", experiment,
+                             *train_overrides(digits_shards, tmp_path / "run", data__val=missing))
     assert str(missing) in line and "data.val" in line
     _no_debris(tmp_path / "run")
     # found before training started, not by the final kNN monitor after all the steps
@@ -66,7 +54,8 @@ def test_unknown_config_key(tmp_path, digits_shards, experiment):
 
 
 def test_unknown_method_key(tmp_path, digits_shards, experiment, capsys):
-    line = _inproc(capsys, "train", experiment, *train_overrides(digits_shards, tmp_path / "run"), "method.temprature=0.1")
+    line = inproc_error_line(capsys, "train", experiment, *train_overrides(digits_shards, tmp_path / "run"),
+                             "method.temprature=0.1")
     assert "'method.temprature'" in line and "method.temperature" in line
 
 
@@ -77,12 +66,13 @@ def test_unknown_timm_model_suggests_close_name(tmp_path, digits_shards, experim
 
 
 def test_missing_experiment_file(tmp_path, digits_shards, capsys):
-    line = _inproc(capsys, "train", tmp_path / "nope.yaml", f"data.train={digits_shards}/train")
+    line = inproc_error_line(capsys, "train", tmp_path / "nope.yaml", f"data.train={digits_shards}/train")
     assert "nope.yaml" in line
 
 
 def test_bad_enum_value(tmp_path, digits_shards, experiment, capsys):
-    line = _inproc(capsys, "train", experiment, *train_overrides(digits_shards, tmp_path / "run", train__precision="fp8"))
+    line = inproc_error_line(capsys, "train", experiment,
+                             *train_overrides(digits_shards, tmp_path / "run", train__precision="fp8"))
     assert "train.precision" in line and "fp8" in line
 
 
@@ -102,8 +92,8 @@ def test_export_without_checkpoint(tmp_path):
 
 
 def test_eval_missing_backbone(tmp_path, digits_shards, capsys):
-    line = _inproc(capsys, "eval", "knn", "--backbone", tmp_path / "bb.safetensors", "--train", digits_shards / "train",
-                   "--val", digits_shards / "val")
+    line = inproc_error_line(capsys, "eval", "knn", "--backbone", tmp_path / "bb.safetensors",
+                             "--train", digits_shards / "train", "--val", digits_shards / "val")
     assert "bb.safetensors" in line and "not found" in line
 
 

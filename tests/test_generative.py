@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import cli, tb_scalars, train_overrides
+from helpers import cli, inproc_error_line, tb_scalars, train_overrides
 from pretrain.config import load_config
 from pretrain.evaluation.generative import frechet_distance, histogram_bits_per_dim
 from pretrain.losses.likelihood import discretized_log_prob, logistic_mixture_log_prob
@@ -168,13 +168,8 @@ def test_sample_cli_is_reproducible(tmp_path, ddpm_run):
 
 
 def test_sample_cli_errors(tmp_path, ddpm_run, ref_run, capsys):
-    from pretrain.cli import main
-
-    def error(*args):   # `pretrain sample ...` in this process: exit code 2 and one error line, no traceback
-        capsys.readouterr()
-        rc, err = main(["sample", *map(str, args)]), capsys.readouterr().err.strip()
-        assert rc == 2 and err.startswith("error: ") and "\n" not in err, (rc, err)
-        return err
+    def error(*args):   # `pretrain sample ...` in this process
+        return inproc_error_line(capsys, "sample", *args)
 
     assert "step count must be in" in error(ddpm_run, "--out", tmp_path / "x.png", "--steps", "0")
     assert "no checkpoint in" in error(tmp_path / "empty", "--out", tmp_path / "x.png")

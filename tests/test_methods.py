@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pretrain.config import load_config
+from pretrain.engine.backends import place
 from pretrain.methods import METHODS, create_method
 from pretrain.models import ModelError, create_backbone
 
@@ -13,8 +14,14 @@ SMALL = ["data.train=unused", "model.name=resnet10t", "data.image_size=16"]
 
 
 def _batch(method, size=16, B=8):
+    """A fixed batch: Gaussian views, or for generative methods pixels on the 8-bit grid in [-1, 1]."""
     torch.manual_seed(0)
-    return {"views": torch.randn(method.num_views, B, 3, size, size), "label": torch.zeros(B, dtype=torch.long)}
+    shape = (method.num_views, B, 3, size, size)
+    if hasattr(method, "sample"):
+        views = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    else:
+        views = torch.randn(shape)
+    return {"views": views, "label": torch.zeros(B, dtype=torch.long)}
 
 
 GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]   # generative methods model pixels in [-1, 1]
@@ -32,8 +39,6 @@ def test_registered_method_trains_and_exports(name):
     then G with D fixed; the noise is fixed by reseeding), and the method exports its backbone."""
     cfg, method = _small(name)
     batch = _batch(method)
-    if hasattr(method, "sample"):   # pixels on the 8-bit grid in [-1, 1]
-        batch["views"] = torch.randint(0, 256, batch["views"].shape, generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     for phase in method.phases:
         opt = torch.optim.Adam([p for g in method.param_groups(0.0, phase) for p in g["params"]], lr=1e-3)
         losses = []
@@ -63,18 +68,16 @@ def test_registered_method_trains_and_exports(name):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_registered_method_is_layout_agnostic(name):
-    """train.channels_last: the method with NHWC 4-d weights (converted as the DDP backend does it)
+    """train.channels_last: the method with NHWC 4-d weights (placed by the backends' `place`)
     gives the NCHW losses and gradients in every phase, so no method depends on the layout (masks,
     .view() of activations, reshapes)."""
     torch.manual_seed(0)
     # MoCo v2's default split-BN of 8 groups would normalise single samples here, where float32
     # rounding noise swamps the gradients of either layout; groups of 4 samples are well-conditioned
-    cfg, nchw = _small(name, *(["method.split_bn_groups=2"] if name == "moco_v2" else []))
-    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    cfg, nchw = _small(name, "train.channels_last=true", *(["method.split_bn_groups=2"] if name == "moco_v2" else []))
+    nhwc = place(copy.deepcopy(nchw), cfg, torch.device("cpu"))
     assert any(not p.is_contiguous() for p in nhwc.parameters())   # the copy really is NHWC
     batch = _batch(nchw)
-    if hasattr(nchw, "sample"):
-        batch["views"] = batch["views"].clamp(-1, 1)
     for phase in nchw.phases:
         out = []
         for m in (nchw, nhwc):
