@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine -> .venv, install -> shards from a real dataset a package ships (scikit-learn's
 # 1797 handwritten digits) -> SimCLR pretraining -> export -> kNN + linear probe, next to a
-# random-init backbone of the same architecture and raw pixels. 6.5 to ~30 minutes on 2 CPU cores,
+# random-init backbone of the same architecture and raw pixels. 6.5 to 31 minutes on 2 CPU cores,
 # depending on the host's oneDNN convolution kernels (docs/benchmarks.md).
 # Extra arguments are config overrides for the training run, e.g. ./scripts/quickstart.sh train.epochs=5
 set -euo pipefail
