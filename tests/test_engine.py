@@ -297,3 +297,26 @@ def test_ddp_backend_clips_the_global_grad_norm():
     assert float(norm) > 0.05                  # the raw gradient is larger than the bound...
     update = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in backend.module.named_parameters()))
     assert float(update) == pytest.approx(0.05, rel=1e-3)   # ...and plain SGD at lr 1 moved by exactly the bound
+
+
+def test_vit_no_weight_decay_set_is_respected():
+    """timm's ViT lists pos_embed and cls_token in no_weight_decay(): they are 3-D, so a rule by tensor rank alone
+    decays them, against timm's param_groups_weight_decay and every ViT recipe (MoCo v3, DINO, MAE)."""
+    from pretrain.methods import create_method
+
+    cfg = load_config(None, ["data.train=x", "method.name=moco_v3", "model.name=vit_tiny_patch16_224",
+                             "model.kwargs={img_size: 32, patch_size: 8}", "data.image_size=32",
+                             "method.proj_hidden_dim=32", "method.pred_hidden_dim=32", "method.proj_dim=16"])
+    method = create_method(cfg)
+    names = {id(p): n for n, p in method.named_parameters()}
+    groups = method.param_groups(0.1)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    timm_nwd = {f"backbone.{n}" for n in method.backbone.no_weight_decay()} & set(names.values())
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= timm_nwd
+    assert timm_nwd <= plain and not (timm_nwd & decayed)
+    # everything else follows the usual rule: matrices decayed, biases and norm parameters not
+    assert "backbone.patch_embed.proj.weight" in decayed and "backbone.blocks.0.attn.qkv.weight" in decayed
+    assert "backbone.blocks.0.norm1.weight" in plain and "backbone.blocks.0.attn.qkv.bias" in plain
+    # the frozen momentum encoder is in no group at all
+    assert not any(n.startswith("key_") for n in decayed | plain)

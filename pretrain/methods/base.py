@@ -6,10 +6,21 @@ losses from `training_step(batch)`; the engine backpropagates `losses["loss"]` a
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import fnmatch
+from typing import Dict, List, Set
 
 import torch
 import torch.nn as nn
+
+
+def no_weight_decay_names(module: nn.Module) -> Set[str]:
+    """Full parameter names (or fnmatch patterns) that the submodules of `module` exclude from
+    weight decay through timm's `no_weight_decay()` convention, prefixed with their module path."""
+    out = set()
+    for prefix, m in module.named_modules():
+        if callable(getattr(m, "no_weight_decay", None)):
+            out |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
+    return out
 
 
 class Method(nn.Module):
@@ -42,12 +53,18 @@ class Method(nn.Module):
         return image_size
 
     def param_groups(self, weight_decay: float, phase: str = "main") -> List[dict]:
-        """Weight decay on weights; none on biases and norm parameters (any 1-D tensor)."""
+        """Weight decay on weights; none on biases, norm parameters (any 1-D tensor) and what any
+        submodule lists in its `no_weight_decay()` (timm's ViT: pos_embed, cls_token), as timm's
+        param_groups_weight_decay decides. Not timm's function itself: it puts every parameter in
+        its no-decay group when weight_decay is 0, and that group is also LARS's exclusion group."""
+        module = self.phase_module(phase)
+        skip = no_weight_decay_names(module)
         decay, no_decay = [], []
-        for name, p in self.phase_module(phase).named_parameters():
+        for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            plain = p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, s) for s in skip)
+            (no_decay if plain else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
 
