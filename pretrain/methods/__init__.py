@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import inspect
 
+from omegaconf import OmegaConf
+
 from pretrain.methods.base import Method
+from pretrain.methods.params import validate
 from pretrain.methods.registry import METHODS
 from pretrain.methods import cpc, ddpm, gan, moco_v2, moco_v3, pixelcnn, simclr, vae  # noqa: F401  (registers)
 
@@ -19,8 +22,9 @@ def create_method(cfg) -> Method:
     from pretrain.models import check_input_size, create_backbone
 
     cls = METHODS.get(cfg.method.name)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    validate(cls, kwargs)   # before anything is built: a bad method.* value fails at once
     backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem)
-    kwargs = {k: v for k, v in dict(cfg.method).items() if k != "name"}
     if "image_size" in inspect.signature(cls.__init__).parameters:
         kwargs["image_size"] = cfg.data.image_size
     mean_std = getattr(cls, "pixel_mean_std", None)

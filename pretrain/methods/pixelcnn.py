@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pretrain.losses.likelihood import logistic_mixture_log_prob, to_levels
 from pretrain.methods.generative import GenerativeMethod
+from pretrain.methods.params import choice, integer
 from pretrain.methods.registry import METHODS
 from pretrain.models.generative import GatedPixelCNN
 
@@ -22,13 +23,13 @@ OUTPUTS = ("softmax", "logistic_mixture")
 @METHODS.register("pixelcnn")
 class PixelCNN(GenerativeMethod):
     defaults = {"output": "softmax", "mixtures": 5, "dim": 64, "layers": 8, "kernel": 5}
+    checks = {"output": choice(*OUTPUTS), "mixtures": integer(1), "dim": integer(1), "layers": integer(1),
+              "kernel": integer(3)}   # and odd: checked below
 
     def __init__(self, backbone: nn.Module, output="softmax", mixtures=5, dim=64, layers=8, kernel=5, image_size=32):
         super().__init__(backbone, image_size)
         self.backbone = None   # a pixel-space model: no timm backbone to train or export
-        if output not in OUTPUTS:
-            raise ValueError(f"method.output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-        if kernel < 3 or kernel % 2 == 0:
+        if kernel % 2 == 0:
             raise ValueError(f"method.kernel must be odd and >= 3, got {kernel}")
         self.output, self.mixtures = output, mixtures
         self.net = GatedPixelCNN(3, dim, layers, kernel, 256 if output == "softmax" else 3 * mixtures)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from pretrain.losses.likelihood import LIKELIHOODS, discretized_log_prob
 from pretrain.methods.generative import GenerativeMethod, randn
+from pretrain.methods.params import choice, integer, non_negative
 from pretrain.methods.registry import METHODS
 from pretrain.models.generative import ConvDecoder
 
@@ -20,14 +21,12 @@ from pretrain.models.generative import ConvDecoder
 @METHODS.register("vae")
 class VAE(GenerativeMethod):
     defaults = {"latent_dim": 64, "likelihood": "logistic", "beta": 1.0, "decoder_width": 64}
+    checks = {"latent_dim": integer(1), "likelihood": choice(*LIKELIHOODS), "beta": non_negative(),
+              "decoder_width": integer(1)}
 
     def __init__(self, backbone: nn.Module, latent_dim=64, likelihood="logistic", beta=1.0, decoder_width=64,
                  image_size=32):
         super().__init__(backbone, image_size)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"method.likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
-        if beta < 0:
-            raise ValueError(f"method.beta must be >= 0, got {beta}")
         self.latent_dim, self.likelihood, self.beta = latent_dim, likelihood, beta
         self.to_latent = nn.Linear(backbone.num_features, 2 * latent_dim)
         # per sub-pixel: mean and log scale
