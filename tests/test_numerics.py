@@ -107,3 +107,41 @@ def test_discretized_likelihood_stays_finite_and_normalised_far_out(kind):
             lp.sum().backward()
             assert lp.isfinite().all() and mean.grad.isfinite().all() and log_scale.grad.isfinite().all(), (mu, ls)
             assert torch.logsumexp(lp.double(), 0).item() == pytest.approx(0.0, abs=1e-5), (mu, ls)
+
+
+# ------------------------------------------------------------------------------------------------ batch norm
+def _bn_pair(cls, C=4, **kw):
+    """(ours: cls in float32, ref: torch.nn.BatchNorm2d in float64) with the same random affine weights."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(C, **kw).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-1, 1)
+    ours = cls(C, **kw)
+    ours.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    return ours, ref
+
+
+def _close64(got, want, rel=1e-5):
+    """float32 result against a float64 reference: atol relative to the reference's scale."""
+    torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel * max(want.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("cls", ["Fp32BatchNorm", "GlobalBatchNorm"])
+def test_batch_norm_cumulative_average_momentum_none_matches_torch(cls):
+    """momentum=None (running stats = cumulative average): eval before any training step (old code: 1/0
+    from num_batches_tracked = 0, though the factor is unused in eval), three train steps, eval again:
+    outputs, running stats and counter equal float64 torch.nn.BatchNorm2d(momentum=None)."""
+    import pretrain.models as models
+
+    ours, ref = _bn_pair(getattr(models, cls), momentum=None)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 4, 3, 3, generator=g) * (i + 1) + i for i in range(4)]
+    ours.eval(), ref.eval()
+    _close64(ours(xs[0]), ref(xs[0].double()))
+    ours.train(), ref.train()
+    for x in xs[1:]:
+        _close64(ours(x), ref(x.double()))
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
+    _close64(ours.running_mean, ref.running_mean), _close64(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    _close64(ours(xs[0]), ref(xs[0].double()))

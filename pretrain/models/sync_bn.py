@@ -25,9 +25,11 @@ class Fp32BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x):
         use_batch = self.training or not self.track_running_stats
+        m = self.momentum if self.momentum is not None else 0.0   # unused unless the running stats update
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:                              # cumulative average, as in _BatchNorm
+                m = 1.0 / float(self.num_batches_tracked)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.batch_norm(x.float(), self.running_mean, self.running_var, w, b, use_batch, m, self.eps).to(x.dtype)
