@@ -145,3 +145,72 @@ def test_batch_norm_cumulative_average_momentum_none_matches_torch(cls):
     _close64(ours.running_mean, ref.running_mean), _close64(ours.running_var, ref.running_var)
     ours.eval(), ref.eval()
     _close64(ours(xs[0]), ref(xs[0].double()))
+
+
+def _offset_batch(n=12, C=3, seed=2):
+    """float32 [n, C, 4, 4] with mean 1e3 and std 1 (plus a per-channel shift), and the rest of a BN check."""
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, C, 4, 4, generator=g) + 1e3 + torch.arange(C).float().view(1, C, 1, 1),
+            "c": torch.randn(n, C, 4, 4, generator=g), "w": torch.rand(C, generator=g) + 0.5,
+            "b": torch.randn(C, generator=g)}
+
+
+def _bn_reference(inp):
+    """float64 torch.nn.BatchNorm2d over the whole batch: output, input/affine grads of sum(y * c), running stats."""
+    bn = torch.nn.BatchNorm2d(inp["w"].numel()).double()
+    with torch.no_grad():
+        bn.weight.copy_(inp["w"]), bn.bias.copy_(inp["b"])
+    x = inp["x"].double().requires_grad_(True)
+    y = bn(x)
+    (y * inp["c"].double()).sum().backward()
+    return {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+            "running_mean": bn.running_mean, "running_var": bn.running_var}
+
+
+# float32 at a mean of 1e3 resolves 6e-5: what is left after normalising to std 1. The old E[x^2] - E[x]^2
+# (E[x^2] ~ 1e6 with ulp 0.06) is off by ~1e-2 in the variance.
+BN_TOL = {"y": 1e-4, "dx": 1e-4, "dw": 1e-4, "db": 1e-5, "running_mean": 1e-6, "running_var": 1e-5}
+
+
+def _check_bn(got, want):
+    for k, rel in BN_TOL.items():
+        _close64(got[k], want[k], rel=rel)
+
+
+def test_global_batch_norm_combines_rank_moments_stably():
+    """The parallel-variance combination GlobalBatchNorm uses, on unequal chunks of one float32 batch
+    with mean 1e3 and std 1, against the float64 mean and variance of the whole batch."""
+    from pretrain.models.sync_bn import batch_moments, combine_moments
+
+    x = _offset_batch(n=24)["x"]
+    chunks = [batch_moments(part) for part in x.split([3, 8, 13])]
+    n, mean, var = combine_moments(*(torch.stack(t) for t in zip(*chunks)))
+    assert n.item() == 24 * 16
+    _close64(mean, x.double().mean((0, 2, 3)), rel=1e-7)
+    _close64(var, x.double().var((0, 2, 3), unbiased=False), rel=1e-4)
+
+
+def test_global_batch_norm_large_mean_one_process():
+    """One process: GlobalBatchNorm (the local fp32 path) equals float64 BatchNorm at mean 1e3."""
+    from pretrain.models import GlobalBatchNorm
+
+    inp = _offset_batch()
+    bn = GlobalBatchNorm(inp["w"].numel())
+    with torch.no_grad():
+        bn.weight.copy_(inp["w"]), bn.bias.copy_(inp["b"])
+    x = inp["x"].clone().requires_grad_(True)
+    y = bn(x)
+    (y * inp["c"]).sum().backward()
+    _check_bn({"y": y, "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "running_mean": bn.running_mean,
+               "running_var": bn.running_var}, _bn_reference(inp))
+
+
+def test_global_batch_norm_large_mean_two_ranks(tmp_path):
+    """2 gloo ranks with 5 and 7 samples: output, input and affine gradients and running statistics equal
+    a float64 BatchNorm over the 12, where the old sum/sum-of-squares all-reduce was ~1e-2 off."""
+    from helpers import WORKERS, torchrun
+
+    inp = dict(_offset_batch(), sizes=[5, 7])
+    torch.save(inp, tmp_path / "inputs.pt")
+    torchrun(WORKERS / "global_bn_ranks.py", tmp_path / "inputs.pt", tmp_path / "out.pt", timeout=200, check=True)
+    _check_bn(torch.load(tmp_path / "out.pt"), _bn_reference(inp))

@@ -1,9 +1,10 @@
 """Global (cross-rank) batch norm that works with any process group, gloo on CPU included.
 
 torch.nn.SyncBatchNorm needs CUDA; contrastive methods need global BN statistics to avoid the
-"information leak" through per-rank BN (SimCLR, MoCo v3). This one all-reduces [sum, sum of
-squares, count] per channel with a differentiable all-reduce, so forward and backward equal a
-single-process BN over the global batch.
+"information leak" through per-rank BN (SimCLR, MoCo v3). This one gathers each rank's per-channel
+(count, mean, M2) with a differentiable all-gather and combines them with the parallel-variance
+formula, as SyncBatchNorm does, so forward and backward equal a single-process BN over the global
+batch, also when the mean is large against the std (where E[x^2] - E[x]^2 cancels in fp32).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.losses.distributed import all_reduce_sum_with_grad, world_info
+from pretrain.losses.distributed import gather_with_grad, world_info
 
 
 class Fp32BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -46,18 +47,37 @@ def convert_to_fp32_bn(module: nn.Module) -> nn.Module:
     return module
 
 
+def batch_moments(x: torch.Tensor):
+    """x [B, C, ...] -> (count: 0-d, mean [C], M2 [C] = sum of squared deviations from the mean), fp32, two passes."""
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.float()
+    mean = xf.mean(dims)                                                          # [C]
+    m2 = (xf - mean.view([1, -1] + [1] * (x.dim() - 2))).square().sum(dims)      # [C]
+    return xf.new_tensor(float(x.numel() // x.shape[1])), mean, m2
+
+
+def combine_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
+    """Per-part moments counts [W], means [W, C], M2s [W, C] -> (count 0-d, mean [C], biased var [C]) of the union:
+    the parallel-variance formula (Chan, Golub & LeVeque), M2 = sum M2_w + sum n_w (mean_w - mean)^2,
+    with the mean taken as an offset from part 0's so that it keeps fp32 precision at a large mean."""
+    n = counts.sum()
+    mean = means[0] + (counts[:, None] * (means - means[0])).sum(0) / n                          # [C]
+    m2 = m2s.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)                         # [C]
+    return n, mean, m2 / n
+
+
 class GlobalBatchNorm(Fp32BatchNorm):
+    """Fp32BatchNorm whose training statistics are those of the global batch over all ranks (differentiable:
+    gradients equal a single-process BN over the concatenated batch). Eval, and one process, are local."""
+
     def forward(self, x):
         if not self.training or world_info()[1] == 1:
             return super().forward(x)
         C = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
         xf = x.float()
-        count = xf.new_tensor([x.numel() // C])
-        stats = all_reduce_sum_with_grad(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
-        n = stats[-1]
-        mean = stats[:C] / n                                     # [C]
-        var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)     # biased, as BN normalises
+        count, mean_r, m2_r = batch_moments(xf)
+        parts = gather_with_grad(torch.cat([count.view(1), mean_r, m2_r])[None])    # [W, 1 + 2C]
+        n, mean, var = combine_moments(parts[:, 0], parts[:, 1:C + 1], parts[:, C + 1:])   # var biased, as BN normalises
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
