@@ -25,7 +25,7 @@ setup(
     extras_require={
         "quickstart": ["scikit-learn>=1.2"],
         "bench": ["scikit-image>=0.21"],  # sample photos for scripts/bench.py data
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "scikit-learn>=1.2", "accelerate>=1.0"],  # accelerate: launcher test
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "scikit-learn>=1.2", "accelerate>=1.0", "mpmath>=1.2"],  # accelerate: launcher test; mpmath: float64+ references
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )
