@@ -16,8 +16,18 @@ def build_train_loader(cfg, num_views: int, local_batch: int, batches_per_epoch:
         raise DataError(f"data.augment_on must be auto, worker or device, got {where!r}")
     in_worker = where == "worker" or (where == "auto" and torch.device(device).type != "cuda")
     ds = ResampledBatches(sources, local_batch, batches_per_epoch, aug, num_views, in_worker, cfg.seed, rank,
-                          cfg.data.shuffle_buffer)
+                          cfg.data.shuffle_buffer, check_max_image_pixels(cfg.data.max_image_pixels))
     return TrainLoader(ds, cfg.data.num_workers, torch.device(device))
+
+
+def check_max_image_pixels(n) -> int:
+    """data.max_image_pixels, checked: a positive int up to the largest image header PIL reads."""
+    from pretrain.data.pipeline import HEADER_PIXEL_LIMIT
+
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= HEADER_PIXEL_LIMIT:
+        raise DataError(f"data.max_image_pixels must be an int in [1, {HEADER_PIXEL_LIMIT}] (PIL refuses larger "
+                        f"image headers), got {n!r}")
+    return n
 
 
 def count_samples(spec, key="data.train"):

@@ -6,9 +6,18 @@ batches that is identical on every rank (no rank runs dry first and hangs the ot
 collective). Evaluation reads each shard exactly once, split by rank and then by worker.
 
 Determinism: the sample stream of a worker is a function of (seed, epoch, rank, worker), and the
-augmentation of a batch a function of (seed, epoch, rank, batch index). Resuming at micro-batch k
-of an epoch therefore needs only k: each worker skips its share of raw samples (undecoded) and the
-stream continues exactly as it would have. This needs the same data.num_workers as before.
+augmentation of a batch a function of (seed, epoch, rank, batch index). A batch reads batch_size
+samples of its worker's stream *plus one per corrupt sample*, so the position of a stream is not a
+function of the step: every batch carries how far its worker's stream had been read, the
+TrainLoader keeps that per worker (`state_dict()`, saved in checkpoints), and a resumed worker
+replays (reads, undecoded) exactly that many samples and continues as it would have. This needs the
+same data.num_workers as before; without a recorded position (an older checkpoint, another
+num_workers) each worker skips batch_size per earlier batch, which is exact only over clean data.
+
+Faults: corrupt samples, and images larger than `max_image_pixels` (read from the header, never
+decoded: decompression bombs), are skipped, counted and logged. A shard that yields nothing at all
+(not a tar, missing, empty) is reported once per rank with its path, counted once, and not drawn
+again by that worker in that epoch; a source whose every shard is so is a DataError.
 
 Only image/cls/json members are read and decoded; nothing in a shard is ever unpickled.
 """
@@ -18,6 +27,7 @@ import io
 import json
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -25,6 +35,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from braceexpand import braceexpand
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset import tariterators
@@ -32,6 +43,8 @@ from webdataset import tariterators
 log = logging.getLogger("pretrain.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 READ_EXTS = set(IMAGE_KEYS) | {"cls", "json"}
+MAX_IMAGE_PIXELS = 89_478_485          # PIL's default Image.MAX_IMAGE_PIXELS (~ 0.25 GiB as 24-bit RGB)
+HEADER_PIXEL_LIMIT = 2 * MAX_IMAGE_PIXELS   # PIL refuses to read larger headers (DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -116,8 +129,11 @@ class SkipCounter:
     def __init__(self, max_streak: int = 1000):
         self.count = self.streak = 0
         self.max_streak = max_streak
+        self.quiet = False   # while a resumed worker replays its stream: these were counted before
 
     def __call__(self, exn: Exception) -> bool:
+        if self.quiet:
+            return True
         self.count += 1
         self.streak += 1
         if self.count <= 10 or self.count % 1000 == 0:
@@ -128,20 +144,58 @@ class SkipCounter:
         return True
 
 
-def read_samples(urls: Iterator[str], handler: SkipCounter) -> Iterator[Dict]:
-    """Raw samples {__key__, jpg|png|..., cls, json: bytes} from tar shards; other members are not read."""
+def read_samples(urls: Iterator[str], handler: SkipCounter, on_unreadable=None) -> Iterator[Dict]:
+    """Raw samples {__key__, jpg|png|..., cls, json: bytes} from tar shards; other members are not read.
+
+    `on_unreadable(url, exn)`, when given, takes the errors of a shard that yields no member at all
+    (cannot be opened, not a tar, empty, no image/cls/json member) instead of `handler`.
+    """
     def select(fname):
         return fname.rsplit(".", 1)[-1].lower() in READ_EXTS
-    streams = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
-    files = tariterators.tar_file_expander(streams, handler=handler, select_files=select)
+    sources = ({"url": u} for u in urls)
+    if on_unreadable is None:
+        streams = tariterators.url_opener(sources, handler=handler)
+        files = tariterators.tar_file_expander(streams, handler=handler, select_files=select)
+        return tariterators.group_by_keys(files, handler=handler)
+    shard = {"url": None, "members": 0}     # the shard being read, and how many members it gave so far
+
+    def opened(streams):
+        for s in streams:
+            shard.update(url=s["url"], members=0)
+            yield s
+
+    def counted(files):
+        for f in files:
+            if f:
+                shard["members"] += 1
+            elif not shard["members"]:     # end of a tar that held nothing we read
+                on_unreadable(shard["url"], DataError("no image, .cls or .json member"))
+            yield f
+
+    def read_error(exn):
+        return on_unreadable(shard["url"], exn) if not shard["members"] else handler(exn)
+    streams = tariterators.url_opener(sources, handler=lambda e: on_unreadable(e.args[-1], e))
+    files = counted(tariterators.tar_file_expander(opened(streams), handler=read_error, select_files=select))
     return tariterators.group_by_keys(files, handler=handler)
 
 
-def decode(sample: Dict):
-    """Raw sample -> (uint8 image [3, H, W], int label or -1). Raises on anything unreadable."""
+def decode(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Raw sample -> (uint8 image [3, H, W], int label or -1). Raises on anything unreadable, and on
+    an image of more than `max_pixels` pixels (its size is read from the header; it is not decoded)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(sample[key])) as im:    # PNG/JPEG/WebP: reads the header only
+                w, h = im.size
+            what, pixels = f"a {w}x{h} image", w * h
+        except Image.DecompressionBombError:                    # PIL's ceiling, which caps max_pixels
+            what, pixels = f"an image of over {HEADER_PIXEL_LIMIT} pixels", HEADER_PIXEL_LIMIT + 1
+    if pixels > max_pixels:
+        raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {what} is over "
+                        f"data.max_image_pixels={max_pixels} (a decompression bomb?)")
     img = decode_image(torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8), mode=ImageReadMode.RGB)
     label = int(sample["cls"]) if "cls" in sample else -1
     return img, label
@@ -169,23 +223,41 @@ def _shuffle(it, bufsize: int, rng: random.Random):
 class ResampledBatches(IterableDataset):
     """Yields exactly `batches_per_epoch` batches per rank per epoch (over all its workers).
 
-    Set `epoch` and `start` (micro-batch index within the epoch to begin at) before iterating.
-    Each batch: {"views": [V, B, 3, S, S] (uint8, or float if `photometric_in_worker`),
-    "label": [B], "seed": int, "epoch": int, "index": int, "skipped": int}.
+    Set `epoch`, `start` (micro-batch index within the epoch to begin at) and `consumed` (per logical
+    worker, how many samples of its stream the batches before `start` read; None: none) before
+    iterating. Batch b is made by logical worker b % W from its own stream. Each batch:
+    {"views": [V, B, 3, S, S] (uint8, or float if `photometric_in_worker`), "label": [B], "seed": int,
+    "epoch": int, "index": int, "consumed": int (samples of the worker's stream read so far),
+    "skipped": int, "unreadable": [[url, reason], ...] (shards this worker found unreadable since its last batch)}.
     """
 
     def __init__(self, sources: List[Source], batch_size: int, batches_per_epoch: int, augment, num_views: int,
-                 photometric_in_worker: bool, seed: int, rank: int, shuffle_buffer: int = 1000):
+                 photometric_in_worker: bool, seed: int, rank: int, shuffle_buffer: int = 1000,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.sources, self.batch_size, self.batches_per_epoch = sources, batch_size, batches_per_epoch
         self.augment, self.num_views, self.photometric_in_worker = augment, num_views, photometric_in_worker
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
-        self.epoch, self.start = 0, 0
+        self.max_image_pixels = max_image_pixels
+        self.epoch, self.start, self.consumed = 0, 0, None
 
-    def _samples(self, rng: random.Random, counter: SkipCounter):
-        def shards(src):
+    def _samples(self, rng: random.Random, counter: SkipCounter, unreadable: list):
+        alive = [list(s.urls) for s in self.sources]   # shards still drawn, per source
+
+        def drop(url, exn):   # a shard that yields nothing: never drawn again in this stream
+            if all(u != url for u, _ in unreadable):
+                unreadable.append([url, str(exn)[:200]])
+            for a in alive:
+                a[:] = [u for u in a if u != url]
+            return True
+
+        def shards(i):
             while True:
-                yield rng.choice(src.urls)
-        streams = [read_samples(shards(s), counter) for s in self.sources]
+                if not alive[i]:
+                    n, (url, why) = len(self.sources[i].urls), unreadable[-1]
+                    raise DataError(f"none of the {n} shards of a training source can be read (e.g. {url}: {why}); "
+                                    f"they look corrupt or are not tar files: rewrite them with `pretrain shards`")
+                yield rng.choice(alive[i])
+        streams = [read_samples(shards(i), counter, drop) for i in range(len(self.sources))]
         weights = [s.weight for s in self.sources]
         while True:
             i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
@@ -197,20 +269,25 @@ class ResampledBatches(IterableDataset):
         # DataLoader asks worker 0 first; it must produce batch `start`, so rotate logical ids.
         logical = (wid + self.start) % W
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, logical))
-        counter, reported = SkipCounter(), 0
-        stream = _shuffle(self._samples(rng, counter), self.shuffle_buffer, rng)
+        counter, unreadable = SkipCounter(), []
+        stream = _shuffle(self._samples(rng, counter, unreadable), self.shuffle_buffer, rng)
         first = self.start + (logical - self.start) % W         # first batch index >= start owned by us
-        for _ in range((first - logical) // W * self.batch_size):  # skip what earlier batches consumed
+        pos = self.consumed[logical] if self.consumed else 0
+        counter.quiet = True
+        for _ in range(pos):   # replay, undecoded, what earlier batches read: the same draws, the same stream
             next(stream)
+            counter.streak = 0
+        counter.quiet, reported, sent = False, counter.count, 0
         for b in range(first, self.batches_per_epoch, W):
             bseed = _seed(self.seed, self.epoch, self.rank, b, 1)
             g = torch.Generator().manual_seed(bseed)
             views, labels = [[] for _ in range(self.num_views)], []
             while len(labels) < self.batch_size:
                 sample = next(stream)
+                pos += 1
                 try:
-                    img, label = decode(sample)
-                except Exception as e:  # corrupt image bytes, bad label...
+                    img, label = decode(sample, self.max_image_pixels)
+                except Exception as e:  # corrupt image bytes, bad label, a decompression bomb...
                     counter(e)
                     continue
                 counter.streak = 0
@@ -221,24 +298,60 @@ class ResampledBatches(IterableDataset):
             if self.photometric_in_worker:
                 x = self.augment.photometric(x.flatten(0, 1), g).view(*x.shape[:2], *x.shape[2:])
             yield {"views": x, "label": torch.tensor(labels), "seed": bseed, "epoch": self.epoch, "index": b,
-                   "skipped": counter.count - reported}
-            reported = counter.count
+                   "consumed": pos, "skipped": counter.count - reported, "unreadable": unreadable[sent:]}
+            reported, sent = counter.count, len(unreadable)
 
 
 class TrainLoader:
     """Endless iterator of training micro-batches on `device`, epoch after epoch.
 
-    `batches(start)` begins at global micro-batch index `start` (= step * grad_accum), so a resumed
-    run continues the exact stream. `skipped` counts corrupt samples seen by this rank.
+    `batches(start, state)` begins at global micro-batch index `start` (= step * grad_accum); `state`,
+    the `state_dict()` this loader had when the trainer had taken `start` batches, makes the resumed
+    stream exact. `skipped` counts corrupt samples and unreadable shards seen by this rank;
+    `unreadable` holds the shards found unreadable (each reported and counted once per rank).
     """
 
     def __init__(self, dataset: ResampledBatches, num_workers: int, device: torch.device):
         self.dataset, self.num_workers, self.device = dataset, num_workers, device
         self.skipped = 0
+        self.unreadable = set()
+        self.workers = max(1, num_workers)          # logical workers (streams) per rank
+        self._next, self._consumed = 0, [0] * self.workers
 
-    def batches(self, start: int = 0) -> Iterator[dict]:
+    def state_dict(self) -> dict:
+        """Where this rank's data stands after the batches taken so far (plain ints): the next global
+        micro-batch index, data.num_workers' streams, and how many samples each stream has read."""
+        fresh = self._next % self.dataset.batches_per_epoch == 0     # the next batch starts an epoch
+        return {"batch": self._next, "num_workers": self.workers,
+                "consumed": [0] * self.workers if fresh else list(self._consumed)}
+
+    def positions(self, start: int, state: Optional[dict]) -> List[int]:
+        """Per logical worker, the samples of its stream that batches before `start` read: from
+        `state` when it was recorded there with these workers, else (with a warning) batch_size per
+        earlier batch, which is exact only if those batches met no corrupt sample."""
+        ds, W = self.dataset, self.workers
+        s = start % ds.batches_per_epoch
+        estimate = [(s + (w - s) % W - w) // W * ds.batch_size for w in range(W)]
+        if s == 0:
+            return estimate   # all zero: an epoch starts
+        if state is None:
+            why = "the checkpoint has no data position (written by an older version)"
+        elif state.get("num_workers") != W:
+            why = f"data.num_workers changed ({state.get('num_workers')} streams then, {W} now)"
+        elif state.get("batch") != start:
+            why = f"the data position was recorded at micro-batch {state.get('batch')}, not {start}"
+        else:
+            return [int(c) for c in state["consumed"]]
+        log.warning("resuming the data stream at micro-batch %d without an exact position: %s; each worker skips "
+                    "batch_size samples per earlier batch, which differs from an uninterrupted run if those "
+                    "batches met corrupt samples", start, why)
+        return estimate
+
+    def batches(self, start: int = 0, state: Optional[dict] = None) -> Iterator[dict]:
         ds, n = self.dataset, self.dataset.batches_per_epoch
         epoch, ds.start = divmod(start, n)
+        ds.consumed = self.positions(start, state)
+        self._next, self._consumed = start, list(ds.consumed)
         while True:
             ds.epoch = epoch
             # Our own generator: a DataLoader draws its workers' base seed from it, which would
@@ -249,7 +362,7 @@ class TrainLoader:
                                 pin_memory=self.device.type == "cuda",
                                 prefetch_factor=4 if self.num_workers else None)
             for batch in loader:
-                self.skipped += batch.pop("skipped")
+                self._account(batch, epoch * n)
                 views = batch["views"].to(self.device, non_blocking=True)
                 if not ds.photometric_in_worker:   # GPU-side augmentation, same seed as on a worker
                     g = torch.Generator(self.device).manual_seed(batch["seed"])
@@ -257,7 +370,19 @@ class TrainLoader:
                 batch["views"] = views
                 batch["label"] = batch["label"].to(self.device, non_blocking=True)
                 yield batch
-            epoch, ds.start = epoch + 1, 0
+            epoch, ds.start, ds.consumed = epoch + 1, 0, None
+            self._consumed = [0] * self.workers
+
+    def _account(self, batch: dict, epoch_start: int) -> None:
+        """Take a batch's bookkeeping out of it: stream position, skip counts, unreadable shards."""
+        self._consumed[batch["index"] % self.workers] = int(batch.pop("consumed"))
+        self._next = epoch_start + batch["index"] + 1
+        self.skipped += batch.pop("skipped")
+        for url, why in batch.pop("unreadable"):
+            if url not in self.unreadable:
+                self.unreadable.add(url)
+                self.skipped += 1
+                log.warning("skipping shard %s: it cannot be read (%s); it is not drawn again", url, why)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,9 +391,10 @@ class EvalBatches(IterableDataset):
     """{"image": uint8 [B, 3, S, S] (resize + centre crop), "label": [B]} over this rank's shards."""
 
     def __init__(self, urls: List[str], batch_size: int, image_size: int, rank: int = 0, world: int = 1,
-                 max_samples: Optional[int] = None):
+                 max_samples: Optional[int] = None, max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.urls, self.batch_size, self.image_size = urls, batch_size, image_size
         self.rank, self.world, self.max_samples = rank, world, max_samples
+        self.max_image_pixels = max_image_pixels
 
     def __iter__(self):
         from pretrain.data.augment import center_resize
@@ -282,7 +408,7 @@ class EvalBatches(IterableDataset):
             if limit is not None and seen >= limit:
                 break
             try:
-                img, label = decode(sample)
+                img, label = decode(sample, self.max_image_pixels)
             except Exception as e:
                 counter(e)
                 continue
@@ -297,8 +423,11 @@ class EvalBatches(IterableDataset):
 
 
 def eval_loader(spec, batch_size: int, image_size: int, num_workers: int = 0, rank: int = 0, world: int = 1,
-                max_samples: Optional[int] = None, key: str = "data.val") -> DataLoader:
+                max_samples: Optional[int] = None, key: str = "data.val",
+                max_image_pixels: int = MAX_IMAGE_PIXELS) -> DataLoader:
+    """Every sample of `spec` once (this rank's share), as EvalBatches; larger images than
+    `max_image_pixels` are skipped and counted as corrupt."""
     urls = [u for s in expand_sources(spec, key) for u in s.urls]
-    ds = EvalBatches(urls, batch_size, image_size, rank, world, max_samples)
+    ds = EvalBatches(urls, batch_size, image_size, rank, world, max_samples, max_image_pixels)
     return DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(urls)),
                       generator=torch.Generator().manual_seed(0))   # leaves the global RNG alone (see TrainLoader)

@@ -2,8 +2,9 @@
 
 A checkpoint holds the backend state (model, optimizer, scaler; DeepSpeed's own format under
 DeepSpeed) plus client state: step, epoch, the resolved config, every rank's RNG states and the
-method's extra state. The data position is a function of the step (see pretrain.data.pipeline),
-so nothing more is needed to continue exactly.
+method's extra state, and every rank's data-stream position (how many samples each loader worker's
+stream had read: corrupt samples make that more than the step implies; see pretrain.data.pipeline),
+so that a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -73,18 +74,23 @@ class Checkpointer:
     def _path(self, step: int) -> Path:
         return self.dir / (f"step_{step:08d}.pt" if self.backend.name == "ddp" else f"step_{step:08d}")
 
-    def save(self, step: int, epoch: int, config: dict, extra: dict) -> Path:
-        rngs = [None] * self.world
+    def save(self, step: int, epoch: int, config: dict, extra: dict, data: Optional[dict] = None) -> Path:
+        """Write step `step` (every rank calls this). `data`: this rank's data-stream position
+        (TrainLoader.state_dict()); like the RNG states, every rank's is gathered and saved, by rank."""
+        mine = (rng_state(), data)
+        gathered = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(gathered, mine)
         else:
-            rngs = [rng_state()]
+            gathered = [mine]
+        rngs, datas = [g[0] for g in gathered], [g[1] for g in gathered]
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
         path = self._path(step)
-        self.backend.save(path, {"step": step, "epoch": epoch, "config": config, "rng": rngs, "extra": extra})
+        self.backend.save(path, {"step": step, "epoch": epoch, "config": config, "rng": rngs, "data": datas,
+                                 "extra": extra})
         if self.rank == 0:
             self._prune()
         return path

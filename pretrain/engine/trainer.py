@@ -66,7 +66,8 @@ def knn_monitor(backend, cfg) -> float:
     model.eval()
     out = []
     for spec, key in ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")):
-        loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key)
+        loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key,
+                             max_image_pixels=cfg.data.max_image_pixels)
         out.append(extract_features(model.features, loader, backend.device, cfg.data.mean, cfg.data.std, backend.dtype))
     model.train(was_training)
     if world > 1:   # gather everyone's features on every rank
@@ -121,6 +122,9 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     ckpt = Checkpointer(run_dir, backend, cfg.checkpoint.keep_last)
     state = ckpt.resume(cfg.resume, run_dir)
     start = state["step"] if state else 0
+    # this rank's data-stream position (TrainLoader.state_dict), when the checkpoint holds one per rank
+    positions = (state or {}).get("data") or []
+    data_state = positions[env.rank] if len(positions) == env.world_size else None
     if state:
         method.load_extra_state(state["extra"])
         log.info("resumed from step %d", start)
@@ -135,19 +139,19 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     # the whole process tree (SLURM does that) does not kill them
     with Preemption(cfg.preempt.signals, cfg.preempt.requeue) as preempt, \
             Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, default_store()) as watch:
-        metrics = _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch)
+        metrics = _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch, data_state)
         if preempt.agreed:
             metrics.update(preempted=signal.Signals(preempt.agreed).name, requeued=preempt.requeue())
     pdist.barrier()
     return metrics
 
 
-def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch) -> dict:
+def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch, data_state=None) -> dict:
     device, acc = backend.device, cfg.train.grad_accum
     loader = None
     if data is None:
         loader = build_train_loader(cfg, method.num_views, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
-        data = loader.batches(start * acc)
+        data = loader.batches(start * acc, data_state)
     logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start)
     config_dict = to_dict(cfg)
 
@@ -215,7 +219,8 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
         stop = preempt.check()   # True on every rank together, once any rank got a preemption signal
         if stop or done % cfg.checkpoint.every_steps == 0 or done == p["total"]:
             watch.mark(step, "checkpoint")
-            ckpt.save(done, step // p["steps_per_epoch"], config_dict, method.extra_state())
+            ckpt.save(done, step // p["steps_per_epoch"], config_dict, method.extra_state(),
+                      loader.state_dict() if loader else None)
             t_last = time.perf_counter()
         if stop:
             log.warning("preempted by %s at step %d: checkpoint written, stopping", signal.Signals(preempt.agreed).name, done)
