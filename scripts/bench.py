@@ -178,10 +178,12 @@ def time_batches(it, n_warm: int, n_timed: int, check):
 def run_ours(shards: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int):
     from pretrain.config import load_config
     from pretrain.data import build_train_loader
+    from pretrain.methods import METHODS
 
     cfg = load_config(None, [f"data.train={shards}", f"data.image_size={out}", f"data.num_workers={workers}",
                              "data.augment_on=worker", f"seed={seed}"])
-    loader = build_train_loader(cfg, 2, batch, n_warm + n_timed, 0, "cpu")
+    # MoCo v2's two views: the same parameters as the torchvision baseline (simclr_torchvision)
+    loader = build_train_loader(cfg, METHODS.get("moco_v2"), batch, n_warm + n_timed, 0, "cpu")
     it = loader.batches(0)
 
     def check(b):

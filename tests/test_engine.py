@@ -160,7 +160,7 @@ def _first_losses(experiment, overrides, local_batch, n):
     cfg = load_config(str(experiment), overrides)
     torch.manual_seed(cfg.seed)
     method = create_method(cfg).train()
-    data = build_train_loader(cfg, method.num_views, local_batch, 1000, 0, "cpu").batches(0)
+    data = build_train_loader(cfg, method, local_batch, 1000, 0, "cpu").batches(0)
     with torch.no_grad():
         return [method(next(data))["loss"].item() for _ in range(n)]
 

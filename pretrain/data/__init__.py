@@ -3,19 +3,25 @@ from pretrain.data.augment import SimCLRAugment, center_resize, normalize
 from pretrain.data.pipeline import (DataError, EvalBatches, ResampledBatches, Source, TrainLoader, decode, eval_loader,
                                     expand_sources, read_samples, split_shards)
 from pretrain.data.shards import ShardWriter, write_shards
+from pretrain.data.views import MultiViewAugment, ViewSpec, describe, resolve_views, view_augmenters
 
 
-def build_train_loader(cfg, num_views: int, local_batch: int, batches_per_epoch: int, rank: int, device):
-    """The training loader a run config describes (data.* keys), for this rank."""
+def build_train_loader(cfg, method, local_batch: int, batches_per_epoch: int, rank: int, device):
+    """The training loader a run config describes (data.* keys), for this rank, delivering the views
+    `method` declares (`method.views`, with data.augment / data.views applied; see data/views.py)."""
+    import logging
+
     import torch
 
     sources = expand_sources(cfg.data.train, "data.train")
-    aug = SimCLRAugment(cfg.data.image_size, cfg.data.mean, cfg.data.std, **cfg.data.augment)
+    aug = view_augmenters(cfg, method.views, f"method {cfg.method.name}")
+    if rank == 0:
+        logging.getLogger("pretrain.data").info("augmentation: %s", describe([a.spec for a in aug.augs]))
     where = cfg.data.augment_on
     if where not in ("auto", "worker", "device"):
         raise DataError(f"data.augment_on must be auto, worker or device, got {where!r}")
     in_worker = where == "worker" or (where == "auto" and torch.device(device).type != "cuda")
-    ds = ResampledBatches(sources, local_batch, batches_per_epoch, aug, num_views, in_worker, cfg.seed, rank,
+    ds = ResampledBatches(sources, local_batch, batches_per_epoch, aug, len(aug), in_worker, cfg.seed, rank,
                           cfg.data.shuffle_buffer, check_max_image_pixels(cfg.data.max_image_pixels))
     return TrainLoader(ds, cfg.data.num_workers, torch.device(device))
 

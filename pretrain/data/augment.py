@@ -1,24 +1,31 @@
-"""SimCLR augmentation, split into a cheap per-image geometric stage and a batched photometric stage.
+"""The SimCLR-family augmentation of one view, split into a cheap per-image geometric stage and a
+batched photometric stage. Its parameters are a `ViewSpec` (pretrain/data/views.py); a method declares
+one per view and `views.view_augmenters` builds one of these per view.
 
 * geometric (per image, uint8, in the loader workers): random resized crop + horizontal flip.
   Cropping from the decoded original keeps torchvision's RandomResizedCrop semantics for images of
   any size, and yields fixed-size uint8 crops that are cheap to batch and to ship to a GPU.
-* photometric (per batch, float): colour jitter, grayscale, Gaussian blur, normalisation, applied
-  to the whole [N, 3, S, S] batch with per-sample random parameters, in the worker (CPU training)
-  or on the GPU. Differences from torchvision, on purpose: the jitter ops run in a fixed order
-  (brightness, contrast, saturation, hue) and hue is a rotation of the chroma plane in YIQ space,
-  which is what lets the whole batch go through one batched matrix multiply.
+* photometric (per batch, float): colour jitter, grayscale, Gaussian blur, solarization,
+  normalisation, applied to the whole [N, 3, S, S] batch with per-sample random parameters, in the
+  worker (CPU training) or on the GPU. Differences from torchvision, on purpose: the jitter ops run in
+  a fixed order (brightness, contrast, saturation, hue) and hue is a rotation of the chroma plane in
+  YIQ space, which is what lets the whole batch go through one batched matrix multiply.
+  Solarization (BYOL: x >= 0.5 -> 1 - x, after the blur) runs on the normalised values, where it is
+  the same per-channel reflection; it costs nothing when solarize_p is 0.
 
-All randomness comes from an explicit torch.Generator, so a batch is a function of its seed.
+All randomness comes from an explicit torch.Generator, so a batch is a function of its seed. A
+parameter that is off (hue 0, blur_p 0, solarize_p 0) draws nothing from it.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
+
+from pretrain.data.views import ViewSpec
 
 _GRAY = (0.299, 0.587, 0.114)
 # RGB <-> YIQ; hue rotation is a rotation of (I, Q)
@@ -62,20 +69,29 @@ def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class SimCLRAugment:
-    """Both stages of the SimCLR view generator; see the module docstring."""
+    """Both stages of one view's augmentation; see the module docstring.
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], crop_scale=(0.2, 1.0),
-                 crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4,
-                 saturation=0.4, hue=0.1, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0),
-                 blur_kernel_frac=0.1):
-        self.size = int(image_size)
+    `spec` (default: ViewSpec()) with any of its fields overridden by keyword, e.g.
+    SimCLRAugment(32, mean, std, blur_p=0.0).
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], spec: Optional[ViewSpec] = None,
+                 **params):
+        self.spec = s = (spec or ViewSpec()).replace(**params)
+        self.size = int(s.size or image_size)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.crop_scale, self.crop_ratio, self.flip_p = tuple(crop_scale), tuple(crop_ratio), flip_p
-        self.jitter_p, self.grayscale_p, self.blur_p = jitter_p, grayscale_p, blur_p
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
-        self.blur_sigma = tuple(blur_sigma)
-        k = max(3, int(blur_kernel_frac * self.size))
+        self.crop_scale, self.crop_ratio, self.flip_p = tuple(s.crop_scale), tuple(s.crop_ratio), s.flip_p
+        self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p = s.jitter_p, s.grayscale_p, s.blur_p, s.solarize_p
+        self.brightness, self.contrast, self.saturation, self.hue = s.brightness, s.contrast, s.saturation, s.hue
+        self.blur_sigma = tuple(s.blur_sigma)
+        k = max(3, int(s.blur_kernel_frac * self.size))
         self.blur_k = k if k % 2 else k + 1
+
+    def photometric_key(self) -> tuple:
+        """What the photometric stage depends on: augmenters with equal keys transform alike."""
+        return (self.jitter_p, self.brightness, self.contrast, self.saturation, self.hue, self.grayscale_p,
+                self.blur_p, self.blur_sigma, self.blur_k, self.solarize_p, self.size,
+                tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
     # ---- stage 1: per image, uint8 -------------------------------------------------------------
     def geometric(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -92,7 +108,7 @@ class SimCLRAugment:
     cpu_chunk_bytes = 2 << 20
 
     def photometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """[N, 3, S, S] uint8 (any device) -> [N, 3, S, S] float32, jittered, blurred, normalised.
+        """[N, 3, S, S] uint8 (any device) -> [N, 3, S, S] float32, jittered, blurred, solarized, normalised.
 
         `g` must live on x's device. All random parameters are drawn for the whole batch first;
         every channel mix is then a batched 3x3 matrix multiply over [n, 3, S*S] and every other
@@ -111,6 +127,8 @@ class SimCLRAugment:
         if self.blur_p > 0:
             kernels = gaussian_kernels(_uniform(g, N, *self.blur_sigma, dev), self.blur_k)   # [N, k]
             no_blur = torch.rand(N, generator=g, device=dev) >= self.blur_p
+        if self.solarize_p > 0:
+            solarize = torch.rand(N, generator=g, device=dev) < self.solarize_p                    # [N]
 
         # per-image colour matrices
         gray_w = torch.tensor(_GRAY, device=dev)
@@ -147,7 +165,23 @@ class SimCLRAugment:
                 y.copy_(free)
             if self.blur_p > 0:
                 self._blur_(y.view(n, 3, H, W), kernels[j], no_blur[j])
+            if self.solarize_p > 0:
+                self._solarize_(y, solarize[j], mean, std)
         return out.view(N, 3, H, W)
+
+    @staticmethod
+    def _solarize_(y, on, mean, std, by_index=None):
+        """In place, on normalised y [n, 3, H*W]: where `on`, pixels x >= 0.5 become 1 - x. With
+        y = (x - m) / s that is y >= (0.5 - m) / s  ->  y' = (1 - 2m) / s - y, per channel.
+        On CPU (by_index) only the images drawn for it are touched; on a GPU that would sync."""
+        thr, ctr = (0.5 - mean) / std, (1 - 2 * mean) / std                     # [1, 3, 1]
+        if y.device.type == "cpu" if by_index is None else by_index:
+            idx = on.nonzero().squeeze(1)
+            if len(idx):
+                z = y.index_select(0, idx)
+                y.index_copy_(0, idx, torch.where(z >= thr, ctr - z, z))
+            return y
+        return y.copy_(torch.where(on.view(-1, 1, 1) & (y >= thr), ctr - y, y))
 
     def _blur_(self, x, kernels, off):
         """In place: separable Gaussian blur, one [k] kernel per image, skipped where `off`."""

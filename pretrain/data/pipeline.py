@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset import tariterators
 
+from pretrain.data.views import MultiViewAugment
+
 log = logging.getLogger("pretrain.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 READ_EXTS = set(IMAGE_KEYS) | {"cls", "json"}
@@ -235,7 +237,9 @@ class ResampledBatches(IterableDataset):
                  photometric_in_worker: bool, seed: int, rank: int, shuffle_buffer: int = 1000,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.sources, self.batch_size, self.batches_per_epoch = sources, batch_size, batches_per_epoch
-        self.augment, self.num_views, self.photometric_in_worker = augment, num_views, photometric_in_worker
+        # one augmenter per view (views.MultiViewAugment), or one for all `num_views` views
+        self.augment = augment if isinstance(augment, MultiViewAugment) else MultiViewAugment([augment] * num_views)
+        self.num_views, self.photometric_in_worker = len(self.augment), photometric_in_worker
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
         self.max_image_pixels = max_image_pixels
         self.epoch, self.start, self.consumed = 0, 0, None
@@ -291,12 +295,12 @@ class ResampledBatches(IterableDataset):
                     counter(e)
                     continue
                 counter.streak = 0
-                for v in views:
-                    v.append(self.augment.geometric(img, g))
+                for v, crop in zip(views, self.augment.geometric(img, g)):   # view v: augmenter v
+                    v.append(crop)
                 labels.append(label)
             x = torch.stack([torch.stack(v) for v in views])              # [V, B, 3, S, S] uint8
             if self.photometric_in_worker:
-                x = self.augment.photometric(x.flatten(0, 1), g).view(*x.shape[:2], *x.shape[2:])
+                x = self.augment.photometric(x, g)
             yield {"views": x, "label": torch.tensor(labels), "seed": bseed, "epoch": self.epoch, "index": b,
                    "consumed": pos, "skipped": counter.count - reported, "unreadable": unreadable[sent:]}
             reported, sent = counter.count, len(unreadable)
@@ -366,7 +370,7 @@ class TrainLoader:
                 views = batch["views"].to(self.device, non_blocking=True)
                 if not ds.photometric_in_worker:   # GPU-side augmentation, same seed as on a worker
                     g = torch.Generator(self.device).manual_seed(batch["seed"])
-                    views = ds.augment.photometric(views.flatten(0, 1), g).view(*views.shape)
+                    views = ds.augment.photometric(views, g)
                 batch["views"] = views
                 batch["label"] = batch["label"].to(self.device, non_blocking=True)
                 yield batch

@@ -150,7 +150,7 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
     device, acc = backend.device, cfg.train.grad_accum
     loader = None
     if data is None:
-        loader = build_train_loader(cfg, method.num_views, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
+        loader = build_train_loader(cfg, method, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
         data = loader.batches(start * acc, data_state)
     logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start)
     config_dict = to_dict(cfg)

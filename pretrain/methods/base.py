@@ -7,10 +7,12 @@ losses from `training_step(batch)`; the engine backpropagates `losses["loss"]` a
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.nn as nn
+
+from pretrain.data.views import ViewSpec
 
 
 def no_weight_decay_names(module: nn.Module) -> Set[str]:
@@ -23,11 +25,21 @@ def no_weight_decay_names(module: nn.Module) -> Set[str]:
     return out
 
 
+class _ViewCount:
+    """`num_views` = len(views), read on the class or on an instance (whose `views` may be its own)."""
+
+    def __get__(self, obj, cls) -> int:
+        return len((cls if obj is None else obj).views)
+
+
 class Method(nn.Module):
     #: hyper-parameters (config `method.*`) with defaults; the config rejects keys not listed here
     defaults: Dict = {}
-    #: augmented views per sample the data pipeline must deliver in batch["views"]
-    num_views: int = 2
+    #: the augmented views per sample the data pipeline delivers in batch["views"], each with its
+    #: paper's augmentation (data.augment / data.views override them; pretrain/data/views.py)
+    views: Tuple[ViewSpec, ...] = (ViewSpec(), ViewSpec())
+    #: how many: len(views)
+    num_views = _ViewCount()
     #: optimizer phases of one training step, in order, each with its own optimizer over
     #: `phase_module(phase)`'s parameters (a GAN: ("d", "g")). Most methods have one.
     phases = ("main",)

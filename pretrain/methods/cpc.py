@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
@@ -45,7 +46,10 @@ def patch_grid(image_size: int, patch_size: int, stride: int) -> int:
 
 @METHODS.register("cpc")
 class CPC(Method):
-    num_views = 1
+    #: one view, with the image-level augmentation CPC had before views were declared (MoCo v2's). CPC v2
+    #: (Henaff et al. 2019) augments each patch separately instead (colour dropping, flips and more),
+    #: which a per-image view cannot express: see docs/methods.md.
+    views = (ViewSpec(),)
     defaults = {
         "patch_size": 8,
         "patch_stride": 4,          # half the patch: overlapping patches, as in the paper

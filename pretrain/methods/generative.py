@@ -7,13 +7,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from pretrain.data.views import IDENTITY
 from pretrain.methods.base import Method
 
 
 class GenerativeMethod(Method):
     """A method that models images x in [-1, 1] (data.mean = data.std = 0.5, checked by create_method)."""
 
-    num_views = 1
+    #: one view, no augmentation: the models should learn the images, not their augmentations
+    views = (IDENTITY,)
     #: the data normalisation these methods need: pixels (k / 255 - 0.5) / 0.5 = 2k/255 - 1
     pixel_mean_std = (0.5, 0.5)
 

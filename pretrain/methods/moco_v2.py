@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.data.views import ViewSpec
 from pretrain.losses import queue_info_nce, gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks, world_info
 from pretrain.methods.momentum import MomentumMethod
 from pretrain.methods.registry import METHODS
@@ -34,8 +35,17 @@ def _split(fn, x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.cat([fn(c) for c in x.tensor_split(groups)], 0)
 
 
+#: MoCo v2's augmentation (Chen et al. 2020, "aug+"; facebookresearch/moco main_moco.py --aug-plus): crop
+#: 20-100% of the area, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur sigma 0.1-2
+#: with p 0.5, flip; both views alike.
+VIEW = ViewSpec(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4,
+                contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0),
+                blur_kernel_frac=0.1, solarize_p=0.0)
+
+
 @METHODS.register("moco_v2")
 class MoCoV2(MomentumMethod):
+    views = (VIEW, VIEW)
     defaults = {
         "temperature": 0.2,
         "proj_hidden_dim": 2048,

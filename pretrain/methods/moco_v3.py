@@ -13,14 +13,25 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
 from pretrain.methods.momentum import MomentumMethod
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
 
 
+#: BYOL's asymmetric augmentation (Grill et al. 2020, table 6), as MoCo v3 uses it (facebookresearch/moco-v3
+#: main_moco.py): crop 8-100% (--crop-min 0.08; the official ResNet-50 runs use 0.2), colour jitter
+#: (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, flip; blur p 1.0 / 0.1, solarization p 0 / 0.2.
+VIEW_1 = ViewSpec(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4,
+                  contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2, blur_p=1.0, blur_sigma=(0.1, 2.0),
+                  blur_kernel_frac=0.1, solarize_p=0.0)
+VIEW_2 = VIEW_1.replace(blur_p=0.1, solarize_p=0.2)
+
+
 @METHODS.register("moco_v3")
 class MoCoV3(MomentumMethod):
+    views = (VIEW_1, VIEW_2)
     defaults = {
         "temperature": 0.2,
         "proj_hidden_dim": 4096,

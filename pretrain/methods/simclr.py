@@ -4,14 +4,24 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pretrain.data.views import ViewSpec
 from pretrain.losses import nt_xent
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
 
 
+#: SimCLR's ImageNet augmentation (Chen et al. 2020, appendix A; google-research/simclr data_util.py):
+#: crop 8-100% of the area, flip, colour jitter of strength s = 1 (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8,
+#: grayscale 0.2, Gaussian blur (kernel 10% of the side, sigma 0.1-2) with p 0.5, both views alike.
+VIEW = ViewSpec(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.8,
+                contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0),
+                blur_kernel_frac=0.1, solarize_p=0.0)
+
+
 @METHODS.register("simclr")
 class SimCLR(Method):
+    views = (VIEW, VIEW)
     defaults = {
         "temperature": 0.2,
         "proj_hidden_dim": 2048,

@@ -1,0 +1,194 @@
+"""Views: what each augmented view of a sample is, declared by the method, resolved against the config.
+
+A method declares its paper's augmentation as a tuple of `ViewSpec`s, one per view (`Method.views`);
+SimCLR declares two equal ones, MoCo v3 BYOL's asymmetric pair, CPC and the generative methods one.
+The config overrides them in two layers, later winning:
+
+    method.views[v]  <-  data.augment.<key> (when not null: that parameter on every view)
+                     <-  data.views[v].<key> (data.views: null, or one mapping per view)
+
+`view_augmenters(cfg, views)` resolves them and builds one augmenter per view (`MultiViewAugment`);
+the data pipeline applies view v's augmenter to view v: the geometric stage per image in the loader
+workers, the photometric stage per batch (worker or device). Multi-crop (views of different sizes, or
+many local crops) extends the same list: `size` is there for it, and all views must have the same size
+until the pipeline batches views of different sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger("pretrain.data")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The augmentation of one view. Field defaults are MoCo v2's (and were the framework-wide
+    defaults before each method declared its own): crop, flip, colour jitter, grayscale, blur.
+
+    crop_scale/crop_ratio: RandomResizedCrop's area fraction and aspect-ratio ranges; flip_p: horizontal
+    flip; jitter_p: probability of colour jitter, whose brightness/contrast/saturation factors are drawn
+    from [max(0, 1 - s), 1 + s] and hue shift (in turns) from [-hue, hue]; grayscale_p; blur_p, blur_sigma
+    (pixels), blur_kernel_frac (kernel side / image side, made odd and >= 3); solarize_p: BYOL's
+    solarization (x >= 0.5 -> 1 - x on [0, 1] pixels, after blur); size: the view's side (None: data.image_size).
+    """
+
+    crop_scale: Tuple[float, float] = (0.2, 1.0)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel_frac: float = 0.1
+    solarize_p: float = 0.0
+    size: Optional[int] = None
+
+    def replace(self, **changes) -> "ViewSpec":
+        return dataclasses.replace(self, **changes)
+
+
+#: no augmentation: the whole image (centre crop to a square when it is not one), resized
+IDENTITY = ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                    blur_p=0.0)
+FIELDS = tuple(f.name for f in dataclasses.fields(ViewSpec))
+#: the keys of data.augment (every field but the view size, which is data.image_size for now)
+AUGMENT_KEYS = tuple(f for f in FIELDS if f != "size")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _pair(v, ok) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_num(x) for x in v) and v[0] <= v[1] and ok(*v)
+
+
+_PROB = ("a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1)
+_STRENGTH = ("a number >= 0", lambda v: _num(v) and v >= 0)
+RULES = {
+    "crop_scale": ("a pair [lo, hi] with 0 < lo <= hi <= 1", lambda v: _pair(v, lambda a, b: 0 < a and b <= 1)),
+    "crop_ratio": ("a pair [lo, hi] with 0 < lo <= hi", lambda v: _pair(v, lambda a, b: 0 < a)),
+    "flip_p": _PROB, "jitter_p": _PROB, "grayscale_p": _PROB, "blur_p": _PROB, "solarize_p": _PROB,
+    "brightness": _STRENGTH, "contrast": _STRENGTH, "saturation": _STRENGTH,
+    "hue": ("a number in [0, 0.5]", lambda v: _num(v) and 0 <= v <= 0.5),
+    "blur_sigma": ("a pair [lo, hi] with 0 < lo <= hi (pixels)", lambda v: _pair(v, lambda a, b: 0 < a)),
+    "blur_kernel_frac": ("a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
+    "size": ("null or an integer >= 1", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)),
+}
+
+
+def _plain(v):
+    """OmegaConf nodes -> Python; lists -> tuples (ViewSpec is hashable and compares by value)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v, resolve=True)
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _known(mapping, where: str) -> Dict[str, Any]:
+    from pretrain.config import ConfigError
+
+    out = {}
+    for k, v in (mapping or {}).items():
+        if k not in FIELDS:
+            close = difflib.get_close_matches(str(k), FIELDS, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (keys: {', '.join(FIELDS)})"
+            raise ConfigError(f"unknown view key '{where}.{k}'{hint}")
+        out[k] = _plain(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+def resolve_views(declared: Sequence[ViewSpec], augment=None, views=None, image_size: Optional[int] = None,
+                  owner: str = "method") -> List[ViewSpec]:
+    """The method's declared views with the config's overrides applied (module docstring), checked.
+
+    augment: data.augment (a mapping; null values keep the method's value); views: data.views (null or a
+    list of mappings, one per view). A bad value or key is a ConfigError naming the config key it came from.
+    """
+    from pretrain.config import ConfigError
+
+    declared = list(declared)
+    if not declared:
+        raise ConfigError(f"{owner} declares no views")
+    common = {k: v for k, v in _known(augment, "data.augment").items() if v is not None}
+    if views is not None:
+        views = list(_plain(views) if not isinstance(views, (list, tuple)) else views)
+        if len(views) != len(declared):
+            raise ConfigError(f"data.views has {len(views)} entries but {owner} takes {len(declared)} view(s); "
+                              f"give one mapping per view (or {{}} to keep one), or set data.views=null")
+    out = []
+    for v, spec in enumerate(declared):
+        values = {f: (getattr(spec, f), f"{owner}'s views[{v}].{f}") for f in FIELDS}
+        values.update({k: (x, f"data.augment.{k}") for k, x in common.items()})
+        if views is not None:
+            per_view = _known(views[v] if views[v] is not None else {}, f"data.views[{v}]")
+            values.update({k: (x, f"data.views[{v}].{k}") for k, x in per_view.items() if x is not None})
+        for f, (x, src) in values.items():
+            what, ok = RULES[f]
+            if not ok(x):
+                raise ConfigError(f"{src} must be {what}, got {x!r}")
+        out.append(ViewSpec(**{f: x for f, (x, _) in values.items()}))
+    sizes = {s.size or image_size for s in out}
+    if image_size is not None and sizes != {image_size}:
+        raise ConfigError(f"views of side {sorted(sizes, key=str)} but data.image_size={image_size}: every view must "
+                          f"have data.image_size's side for now (views of other sizes arrive with multi-crop); "
+                          f"drop 'size' from data.views")
+    return out
+
+
+class MultiViewAugment:
+    """One augmenter per view: view v of every sample goes through `augs[v]`.
+
+    Views that share their photometric settings go through the photometric stage as one batch (one
+    set of draws from the generator, in view-major order), which is what a single augmenter for all
+    views did before views were declared; otherwise each view's batch goes through its own augmenter,
+    view 0 first, drawing from the same generator.
+    """
+
+    def __init__(self, augs: Sequence):
+        self.augs = list(augs)
+        self.shared = len({a.photometric_key() for a in self.augs}) == 1
+
+    def __len__(self) -> int:
+        return len(self.augs)
+
+    def geometric(self, img: torch.Tensor, g: torch.Generator) -> List[torch.Tensor]:
+        """[3, h, w] uint8 -> one [3, S, S] uint8 crop per view, in view order."""
+        return [a.geometric(img, g) for a in self.augs]
+
+    def photometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """[V, B, 3, S, S] uint8 -> [V, B, 3, S, S] float32, view v through augs[v]."""
+        if self.shared:
+            return self.augs[0].photometric(x.flatten(0, 1), g).view(x.shape)
+        return torch.stack([a.photometric(xv, g) for a, xv in zip(self.augs, x)])
+
+
+def view_augmenters(cfg, declared: Sequence[ViewSpec], owner: str = "method") -> MultiViewAugment:
+    """The per-view augmenters a run config (data.augment, data.views, data.image_size, data.mean/std)
+    makes of a method's declared views."""
+    from pretrain.data.augment import SimCLRAugment
+
+    specs = resolve_views(declared, cfg.data.augment, cfg.data.get("views"), cfg.data.image_size, owner)
+    return MultiViewAugment([SimCLRAugment(cfg.data.image_size, cfg.data.mean, cfg.data.std, spec=s) for s in specs])
+
+
+def describe(specs: Sequence[ViewSpec]) -> str:
+    """The views' augmentation in one line, for the run log."""
+    def one(s):
+        return ", ".join(f"{f}={getattr(s, f)}" for f in AUGMENT_KEYS)
+    if len(set(specs)) == 1:
+        return f"{len(specs)} view(s), each: {one(specs[0])}"
+    return "; ".join(f"view {v}: {one(s)}" for v, s in enumerate(specs))
