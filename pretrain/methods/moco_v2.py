@@ -51,6 +51,7 @@ class MoCoV2(MomentumMethod):
         "proj_hidden_dim": 2048,
         "proj_dim": 128,
         "proj_layers": 2,
+        "proj_bn": False,                  # BN in the projector's hidden layers (the official head has none)
         "queue_size": 65536,
         "momentum": 0.999,
         "momentum_schedule": "constant",   # constant | cosine (to 1.0 at the last step)
@@ -59,7 +60,8 @@ class MoCoV2(MomentumMethod):
     }
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=2048, proj_dim=128, proj_layers=2,
-                 queue_size=65536, momentum=0.999, momentum_schedule="constant", shuffle_bn=True, split_bn_groups=8):
+                 proj_bn=False, queue_size=65536, momentum=0.999, momentum_schedule="constant", shuffle_bn=True,
+                 split_bn_groups=8):
         super().__init__(backbone, momentum, momentum_schedule)
         if not isinstance(queue_size, int) or queue_size <= 0:
             raise ValueError(f"method.queue_size must be a positive number of keys, got {queue_size}; "
@@ -67,7 +69,8 @@ class MoCoV2(MomentumMethod):
         if temperature <= 0:
             raise ValueError(f"method.temperature must be > 0, got {temperature}")
         self.temperature, self.shuffle_bn, self.split_bn_groups = temperature, shuffle_bn, split_bn_groups
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers)
+        # official MoCo v2 head: fc -> ReLU -> fc (biases, no BN); proj_bn=true: SimCLR's head with BN
+        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, bn=proj_bn)
         self.init_momentum_encoder(["backbone", "projector"])
         # The queue is not a buffer: DDP would broadcast all K keys every step. It lives on the keys'
         # device and is checkpointed through extra_state. Random unit vectors to start, as MoCo;

@@ -5,8 +5,11 @@ For two views x1, x2 of B local samples:
     q_i = predictor(projector(backbone(x_i)))              [B, D]  with gradients
     k_i = key_projector(key_backbone(x_i))                  [B, D]  momentum encoder, no gradients
     loss = ctr(q1, k2) + ctr(q2, k1),   ctr(q, k) = 2T * InfoNCE(q, keys of all ranks)
-The projector (3 layers) and predictor (2 layers) end in BatchNorm without affine parameters, and
-their BN is global across ranks, as in the paper.
+Each view goes through each encoder in its own forward, so BatchNorm statistics are per view, as in
+the official code. The projector (3 layers; the official ResNet head has 2) ends in BatchNorm without
+affine parameters, as does the predictor (2 layers) unless pred_last_bn is off (the official ResNet
+predictor); their BN is global across ranks, as in the paper. The views are BYOL's asymmetric pair.
+stop_grad_conv1 freezes a ViT's random patch projection (patch_embed.proj), the paper's stabiliser.
 """
 from __future__ import annotations
 
@@ -29,6 +32,16 @@ VIEW_1 = ViewSpec(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
 VIEW_2 = VIEW_1.replace(blur_p=0.1, solarize_p=0.2)
 
 
+def freeze_patch_projection(backbone: nn.Module, model_hint: str = "the backbone") -> None:
+    """MoCo v3's stop_grad_conv1: the ViT's patch projection keeps its random initial weights."""
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Module) or not list(proj.parameters()):
+        raise ValueError(f"method.stop_grad_conv1 freezes a ViT's patch projection (patch_embed.proj), which "
+                         f"{model_hint} does not have; use a timm ViT or set method.stop_grad_conv1=false")
+    for p in proj.parameters():
+        p.requires_grad_(False)
+
+
 @METHODS.register("moco_v3")
 class MoCoV3(MomentumMethod):
     views = (VIEW_1, VIEW_2)
@@ -41,16 +54,21 @@ class MoCoV3(MomentumMethod):
         "momentum": 0.99,
         "momentum_schedule": "cosine",   # 0.99 -> 1.0 over training, as in the paper
         "sync_bn": True,
+        "pred_last_bn": True,            # the predictor ends in BN (official ViT head; its ResNet head does not)
+        "stop_grad_conv1": False,        # ViTs: freeze the random patch projection (on in the paper's ViT runs)
     }
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=4096, proj_dim=256, proj_layers=3,
-                 pred_hidden_dim=4096, momentum=0.99, momentum_schedule="cosine", sync_bn=True):
+                 pred_hidden_dim=4096, momentum=0.99, momentum_schedule="cosine", sync_bn=True, pred_last_bn=True,
+                 stop_grad_conv1=False):
         super().__init__(backbone, momentum, momentum_schedule)
         if temperature <= 0:
             raise ValueError(f"method.temperature must be > 0, got {temperature}")
         self.temperature, self.sync_bn = temperature, sync_bn
+        if stop_grad_conv1:
+            freeze_patch_projection(backbone, f"the backbone ({type(backbone).__name__})")
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, last_bn=True)
-        self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2, last_bn=True)
+        self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2, last_bn=pred_last_bn)
         self.init_momentum_encoder(["backbone", "projector"])
 
     def _ctr(self, q, k):
@@ -59,10 +77,8 @@ class MoCoV3(MomentumMethod):
 
     def training_step(self, batch):
         v1, v2 = batch["views"]                                         # each [B, 3, H, W]
-        B = v1.shape[0]
-        x = torch.cat([v1, v2], 0)                                      # [2B, ...]: one pass per encoder
-        q = self.predictor(self.projector(self.backbone(x)))            # [2B, D]
+        # one forward per view and encoder: BN statistics per view, as the official code
+        q1, q2 = (self.predictor(self.projector(self.backbone(v))) for v in (v1, v2))   # [B, D] each
         with torch.no_grad():
-            k = self.key_projector(self.key_backbone(x))                # [2B, D]
-        loss = self._ctr(q[:B], k[B:]) + self._ctr(q[B:], k[:B])
-        return {"loss": loss}
+            k1, k2 = (self.key_projector(self.key_backbone(v)) for v in (v1, v2))        # [B, D] each
+        return {"loss": self._ctr(q1, k2) + self._ctr(q2, k1)}
