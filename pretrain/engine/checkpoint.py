@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import dist as pdist
+from pretrain.config import ConfigError
 from pretrain.engine.logger import log
 
 PATTERN = re.compile(r"^step_(\d{8})(\.pt)?$")
@@ -32,7 +35,12 @@ def list_checkpoints(ckpt_dir: Path) -> List[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step of checkpoints/step_NNNNNNNN(.pt)."""
+    return int(PATTERN.match(Path(path).name).group(1))
 
 
 def find_checkpoint(path) -> Optional[Path]:
@@ -45,6 +53,81 @@ def find_checkpoint(path) -> Optional[Path]:
         if found:
             return found[-1]
     return None
+
+
+def resume_target(mode, run_dir) -> Optional[Path]:
+    """The checkpoint `resume` (auto | never | must | a path) continues from; None: a fresh start."""
+    mode = str(mode)
+    if mode == "never":
+        return None
+    where = Path(run_dir) if mode in ("auto", "must") else Path(mode)
+    path = find_checkpoint(where)
+    if path is None and mode != "auto":
+        raise CheckpointError(f"no checkpoint found in {where}; train without resume=... to start fresh, "
+                              f"or point resume= at a run dir that has checkpoints/step_*")
+    return path
+
+
+def not_continued(run_dir, target: Optional[Path]) -> List[Path]:
+    """Checkpoints in run_dir/checkpoints that a run starting from `target` (None: fresh) does not
+    continue: those after `target` when it is one of them, all of them otherwise."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    found = list_checkpoints(ckpt_dir)
+    if target is not None and target.parent.resolve() == ckpt_dir.resolve():
+        return [p for p in found if step_of(p) > step_of(target)]
+    return found
+
+
+def claim_run_dir(run_dir, resume, overwrite=None) -> Optional[Path]:
+    """The run-dir rule, applied before anything is built; returns the checkpoint to resume from.
+
+    A run dir holds one run. A run that would not continue the newest checkpoint of run_dir
+    (resume=never, a checkpoint of another run, an older step of this one) while checkpoints/ holds
+    checkpoints it does not continue is refused with a one-line error, unless `overwrite` is
+    `archive` (they move to checkpoints.old-<UTC time>/) or `delete`. Rank 0 decides and moves or
+    deletes; every rank returns (or raises) rank 0's answer, after it is done."""
+    outcome = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = _claim(Path(run_dir), resume, overwrite)
+        except Exception as e:   # every rank must hear of it, or the others would wait in the broadcast
+            outcome = e
+    outcome = pdist.broadcast_object(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _claim(run_dir: Path, resume, overwrite) -> Optional[Path]:
+    if overwrite not in (None, "archive", "delete"):
+        raise ConfigError(f"overwrite must be null, archive or delete, got {overwrite!r}")
+    target = resume_target(resume, run_dir)
+    old = not_continued(run_dir, target)
+    if not old:
+        return target
+    what = f"resume={resume} starts {run_dir} " + ("afresh" if target is None else f"from step {step_of(target)}")
+    names = old[0].name if len(old) == 1 else f"{old[0].name} .. {old[-1].name}"
+    if overwrite is None:
+        raise CheckpointError(f"{what}, but its checkpoints/ holds {len(old)} checkpoint(s) this run would not "
+                              f"continue ({names}); add overwrite=archive to move them to checkpoints.old-<UTC time>/ "
+                              f"(overwrite=delete: delete them), or set resume=auto to continue {old[-1].name}")
+    if overwrite == "archive":
+        dest = run_dir / time.strftime("checkpoints.old-%Y%m%dT%H%M%SZ", time.gmtime())
+        while dest.exists():
+            dest = dest.with_name(dest.name + "+")
+        dest.mkdir()
+    for p in old:
+        for q in (p, p.with_name(p.name + ".universal")):   # with its universal conversion, if any
+            if not q.exists():
+                continue
+            if overwrite == "archive":
+                q.rename(dest / q.name)
+            else:   # renamed first, so a killed delete leaves debris (cleaned by _prune), not half a checkpoint
+                gone = q.rename(q.with_name(f".tmp-deleted-{q.name}"))
+                shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
+    log.warning("%s: %s %d checkpoint(s) (%s)", what, f"moved to {dest}" if overwrite == "archive" else "deleted",
+                len(old), names)
+    return target
 
 
 def rng_state() -> dict:
@@ -92,11 +175,13 @@ class Checkpointer:
         self.backend.save(path, {"step": step, "epoch": epoch, "config": config, "rng": rngs, "data": datas,
                                  "extra": extra})
         if self.rank == 0:
-            self._prune()
+            self._prune(step)
         return path
 
-    def _prune(self):
-        for old in list_checkpoints(self.dir)[:-self.keep_last]:
+    def _prune(self, step: int):
+        """Keep the newest keep_last checkpoints up to `step` (the one just saved): never one of this
+        run's for a later step of another (claim_run_dir keeps those out of run_dir), nor a later one."""
+        for old in [p for p in list_checkpoints(self.dir) if step_of(p) <= step][:-self.keep_last]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         # debris of a save that was killed: DeepSpeed's .tmp-step_* dirs, DDP's .step_*.pt.*.tmp files;
         # universal conversions (a resume on another world size) of checkpoints pruned since
@@ -104,18 +189,10 @@ class Checkpointer:
         for tmp in [*self.dir.glob(".tmp-*"), *self.dir.glob(".step_*.tmp"), *stale]:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
-    def resume(self, mode, run_dir: Path) -> Optional[dict]:
-        """Apply `resume` (auto | never | must | a path); returns the client state or None (fresh)."""
-        mode = str(mode)
-        if mode == "never":
-            return None
-        where = run_dir if mode in ("auto", "must") else Path(mode)
-        path = find_checkpoint(where)
+    def resume(self, path: Optional[Path]) -> Optional[dict]:
+        """Load checkpoint `path` (claim_run_dir's answer); returns its client state, or None (fresh)."""
         if path is None:
-            if mode == "auto":
-                return None
-            raise CheckpointError(f"no checkpoint found in {where}; train without resume=... to start fresh, "
-                                  f"or point resume= at a run dir that has checkpoints/step_*")
+            return None
         if self.backend.name == "ddp" and path.is_dir() or self.backend.name != "ddp" and path.is_file():
             raise CheckpointError(f"{path} was written by the other backend; resume with the train.backend it was saved with")
         state = self.backend.load(path)

@@ -24,7 +24,7 @@ from pretrain import dist as pdist
 from pretrain.config import ConfigError, batch_split, save_config, to_dict
 from pretrain.data import build_train_loader, count_samples, eval_loader
 from pretrain.engine.backends import create_backend
-from pretrain.engine.checkpoint import Checkpointer
+from pretrain.engine.checkpoint import Checkpointer, claim_run_dir
 from pretrain.engine.faults import Preemption, Watchdog, default_store
 from pretrain.engine.logger import RunLogger, log, setup_text_log
 from pretrain.schedules import scaled_lr, warmup_cosine
@@ -111,6 +111,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     run_dir = Path(cfg.run_dir)
     setup_text_log(run_dir, env.rank)
     p = plan(cfg, env.world_size)
+    resume_from = claim_run_dir(run_dir, cfg.resume, cfg.overwrite)   # refused or cleared before anything is built
     acc = cfg.train.grad_accum
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -120,7 +121,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     backend = create_backend(method, cfg, device)
     method = backend.module
     ckpt = Checkpointer(run_dir, backend, cfg.checkpoint.keep_last)
-    state = ckpt.resume(cfg.resume, run_dir)
+    state = ckpt.resume(resume_from)
     start = state["step"] if state else 0
     # this rank's data-stream position (TrainLoader.state_dict), when the checkpoint holds one per rank
     positions = (state or {}).get("data") or []
