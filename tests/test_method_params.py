@@ -25,12 +25,16 @@ def _cfg(name, key=None, value=None):
     return cfg
 
 
-def _sweep(default):
+#: keys that are a fraction of something (a decay per step): above 1 means nothing
+FRACTIONS = {"momentum", "ema_decay"}
+
+
+def _sweep(key, default):
     """Values of the kind `default` is that no hyper-parameter of these methods means anything with."""
     if isinstance(default, bool):
         return ["maybe", 3]
     if isinstance(default, (int, float)):
-        return [0, -1] + ([1.5] if isinstance(default, float) and 0 < default < 1 else [])
+        return [0, -1] + ([1.5] if key in FRACTIONS else [])
     if isinstance(default, str):
         return ["no_such_option"]
     if isinstance(default, (list, tuple)):
@@ -62,7 +66,7 @@ def test_rule_examples_are_refused(name, key, value):
     _refused(name, key, value)
 
 
-SWEEP = [(n, k, v) for n in METHODS.names() for k, d in METHODS.get(n).defaults.items() for v in _sweep(d)
+SWEEP = [(n, k, v) for n in METHODS.names() for k, d in METHODS.get(n).defaults.items() for v in _sweep(k, d)
          if not (v == 0 and not isinstance(v, bool) and (n, k) in ZERO_OK)]
 
 

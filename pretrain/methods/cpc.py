@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
 from pretrain.methods.base import Method
+from pretrain.methods.params import integer, positive
 from pretrain.methods.registry import METHODS
 
 
@@ -58,6 +59,8 @@ class CPC(Method):
         "pred_steps": 2,            # predict 1..K rows below
         "temperature": 0.1,
     }
+    checks = {"patch_size": integer(1), "patch_stride": integer(1), "context_dim": integer(1),
+              "context_layers": integer(0), "pred_steps": integer(1), "temperature": positive()}
 
     def __init__(self, backbone: nn.Module, patch_size=8, patch_stride=4, context_dim=256, context_layers=2,
                  pred_steps=2, temperature=0.1, image_size=None):
@@ -67,8 +70,6 @@ class CPC(Method):
         if not 1 <= pred_steps < self.grid:
             raise ValueError(f"method.pred_steps={pred_steps} must be in [1, {self.grid - 1}]: the patch grid has "
                              f"{self.grid} rows (data.image_size={image_size}, patch_size={patch_size}, stride={patch_stride})")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature must be > 0, got {temperature}")
         self.patch_size, self.patch_stride, self.temperature = patch_size, patch_stride, temperature
         D = backbone.num_features
         layers = [nn.Conv2d(D, context_dim, 1)]

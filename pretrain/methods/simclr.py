@@ -7,6 +7,7 @@ import torch.nn as nn
 from pretrain.data.views import ViewSpec
 from pretrain.losses import nt_xent
 from pretrain.methods.base import Method
+from pretrain.methods.params import boolean, integer, positive
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
 
@@ -29,11 +30,11 @@ class SimCLR(Method):
         "proj_layers": 2,
         "sync_bn": True,   # global BN statistics across ranks (as in the paper)
     }
+    checks = {"temperature": positive(), "proj_hidden_dim": integer(1), "proj_dim": integer(1),
+              "proj_layers": integer(1), "sync_bn": boolean()}
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=2048, proj_dim=128, proj_layers=2, sync_bn=True):
         super().__init__(backbone)
-        if temperature <= 0:
-            raise ValueError(f"method.temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.sync_bn = sync_bn
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers)
