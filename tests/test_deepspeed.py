@@ -172,7 +172,7 @@ def test_deepspeed_config_batches_and_overrides(tmp_path):
     raw = tmp_path / "ds.json"
     raw.write_text(json.dumps({"gradient_clipping": 3.0, "zero_optimization": {"stage": 1, "overlap_comm": True}}))
     ds = deepspeed_config(_cfg("optim.name=adamw", "train.global_batch_size=64", "train.grad_accum=2",
-                               "deepspeed.zero_stage=2", f"deepspeed.config_file={raw}",
+                               "deepspeed.zero_stage=1", "train.clip_grad=3", f"deepspeed.config_file={raw}",
                                "deepspeed.overrides.steps_per_print=7"), world=4)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_micro_batch_size_per_gpu"] * 4 * 2 == 64

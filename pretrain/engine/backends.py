@@ -174,31 +174,74 @@ class DDPBackend(_Phases):
         return state
 
 
+def _lookup(d, dotted: str):
+    """d["a"]["b"] for "a.b" ("" -> d), or None where the path is absent."""
+    for part in filter(None, dotted.split(".")):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
 def deepspeed_config(cfg, world: int) -> dict:
     """Our YAML -> a DeepSpeed config dict; a raw JSON (deepspeed.config_file) and
-    deepspeed.overrides are merged on top, so a user can set anything DeepSpeed knows."""
+    deepspeed.overrides are merged on top, so a user can set anything DeepSpeed knows.
+
+    Our keys are the one source of truth for what they cover: DeepSpeed's batch sizes, accumulation,
+    clipping, precision and ZeRO stage may only repeat them (or say "auto": ours), and its
+    optimizer/scheduler sections, which would fight optim.*, are refused; a contradiction is a
+    ConfigError naming both keys."""
     from omegaconf import OmegaConf
 
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    gb, acc = cfg.train.global_batch_size, cfg.train.grad_accum
-    ds = {
+    gb, acc, prec = cfg.train.global_batch_size, cfg.train.grad_accum, cfg.train.precision
+    base = {
         "train_batch_size": gb,
         "train_micro_batch_size_per_gpu": gb // (world * acc),
         "gradient_accumulation_steps": acc,
         "gradient_clipping": float(cfg.train.clip_grad),
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,   # our LARS is a plain torch optimizer
         "steps_per_print": 10 ** 9,
     }
+    owned = {   # the DeepSpeed keys set from ours: (our key(s) as an error shows them, the key to set instead)
+        "train_batch_size": (f"train.global_batch_size={gb}", "train.global_batch_size"),
+        "train_micro_batch_size_per_gpu": (f"train.global_batch_size={gb} / ({world} rank(s) x train.grad_accum={acc})",
+                                           "train.global_batch_size and train.grad_accum"),
+        "gradient_accumulation_steps": (f"train.grad_accum={acc}", "train.grad_accum"),
+        "gradient_clipping": (f"train.clip_grad={cfg.train.clip_grad}", "train.clip_grad"),
+        "zero_optimization.stage": (f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}", "deepspeed.zero_stage"),
+        "bf16.enabled": (f"train.precision={prec}", "train.precision"),
+        "bfloat16.enabled": (f"train.precision={prec}", "train.precision"),   # bf16's old name, read only without bf16
+        "fp16.enabled": (f"train.precision={prec}", "train.precision"),
+    }
+    ours = {k: _lookup(base, k.replace("bfloat16.", "bf16.")) for k in owned}
+    ds = base
+    sources = []   # (how an error names a key of it, its dict), later ones winning
     if cfg.deepspeed.config_file:
         p = Path(cfg.deepspeed.config_file)
         if not p.is_file():
             raise ValueError(f"deepspeed.config_file {p} not found")
-        ds = OmegaConf.to_container(OmegaConf.merge(ds, json.loads(p.read_text())))
-    ds = OmegaConf.to_container(OmegaConf.merge(ds, OmegaConf.to_container(cfg.deepspeed.overrides)))
+        sources.append((f"{{}} in deepspeed.config_file ({p})", json.loads(p.read_text())))
+    sources.append(("deepspeed.overrides.{}", OmegaConf.to_container(cfg.deepspeed.overrides)))
+    for name, src in sources:
+        for key in ("optimizer", "scheduler"):
+            if key in src:
+                raise ConfigError(f"{name.format(key)} would fight optim.* (pretrain builds the optimizer and sets "
+                                  f"the learning rate every step); set optim.* and leave DeepSpeed's {key} out")
+        for key, (shown, remedy) in owned.items():
+            value = _lookup(src, key)
+            if value not in (None, "auto") and value != ours[key]:
+                raise ConfigError(f"{name.format(f'{key}={json.dumps(value)}')} contradicts {shown}; "
+                                  f"set {remedy} and leave DeepSpeed's {key} out")
+        ds = OmegaConf.to_container(OmegaConf.merge(ds, src))
+    for key in owned:
+        if _lookup(ds, key) == "auto":   # as in HF's DeepSpeed configs: filled in from our keys
+            *parents, leaf = key.split(".")
+            _lookup(ds, ".".join(parents))[leaf] = ours[key]
     flat = (ds.get("zero_optimization", {}).get("stage", 0) > 0 or ds.get("bf16", {}).get("enabled")
             or ds.get("fp16", {}).get("enabled"))
     if cfg.optim.name == "lars" and flat:
