@@ -266,7 +266,8 @@ def engine_config(a, run_dir: Path, steps: int):
         "data.train=unused", f"data.image_size={a.image_size}", f"data.samples_per_epoch={a.batch * 1000}",
         "model.name=resnet18", "optim.name=lars", "optim.lr=0.3", "optim.warmup_steps=2",
         f"train.global_batch_size={a.batch}", f"train.max_steps={steps}", "train.precision=fp32",
-        f"run_dir={run_dir}", "resume=never", "log.every_steps=10", "log.tensorboard=true", "log.progress=false",
+        f"run_dir={run_dir}", "resume=never", "overwrite=delete",   # a kept --work-dir's earlier runs: discarded
+        "log.every_steps=10", "log.tensorboard=true", "log.progress=false",
         "checkpoint.every_steps=1000000", "data.val=null", f"train.channels_last={a.channels_last}",
     ])
 
