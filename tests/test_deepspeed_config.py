@@ -100,3 +100,15 @@ def test_cli_contradiction_exits_2_with_one_error_line(tmp_path, digits_shards, 
     assert line == ("error: deepspeed.overrides.gradient_accumulation_steps=4 contradicts train.grad_accum=1; "
                     "set train.grad_accum and leave DeepSpeed's gradient_accumulation_steps out"), line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_contradiction_is_found_before_the_model_is_built(tmp_path, digits_shards, experiment, capsys, monkeypatch):
+    """The DeepSpeed config is checked with the rest of the plan, not after the model is built and placed."""
+    from helpers import inproc_error_line
+
+    monkeypatch.setattr("pretrain.engine.trainer.create_method",
+                        lambda cfg: pytest.fail("the DeepSpeed config must be checked before the model is built"))
+    line = inproc_error_line(capsys, "train", experiment,
+                             *train_overrides(digits_shards, tmp_path / "run", train__backend="deepspeed",
+                                              optim__name="adamw"), "deepspeed.overrides.train_batch_size=64")
+    assert "deepspeed.overrides.train_batch_size=64 contradicts train.global_batch_size=32" in line, line

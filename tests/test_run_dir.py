@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli, inproc_error_line, tmp_debris, torchrun, train_overrides
+from helpers import cli, inproc_error_line, tb_scalars, tmp_debris, torchrun, train_overrides
 from pretrain.engine.checkpoint import Checkpointer, list_checkpoints
 
 BACKENDS = {"ddp": {}, "deepspeed": dict(train__backend="deepspeed", optim__name="adamw", optim__lr=1e-3)}
@@ -108,6 +108,8 @@ def test_overwrite_delete(reused, digits_shards, experiment):
     _train(experiment, digits_shards, run_dir, backend, resume="never", overwrite="delete", train__max_steps=1)
     assert _names(run_dir / "checkpoints") == ["step_00000001"] and not _archives(run_dir)
     assert not _resumed_from(run_dir) and tmp_debris(run_dir) == []
+    # TensorBoard shows the new run only: the old run's steps 2-4 are purged, as a resume purges the steps after it
+    assert sorted(tb_scalars(run_dir)) == [1]
 
 
 @pytest.mark.parametrize("old_run", ["ddp"], indirect=True)   # the rule runs before any backend exists

@@ -32,9 +32,10 @@ class RunLogger:
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # on resume from step `start`, TensorBoard drops the earlier run's events from step start+1
-            # on (logged after that checkpoint, about to be logged again); step `start` itself stays
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+            # TensorBoard drops the events of earlier writers from step start+1 on: on resume from step
+            # `start`, those logged after that checkpoint (about to be logged again; step `start` stays);
+            # on a fresh start (start = 0) in a reused run dir (overwrite=archive|delete), all of them
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)
         show = sys.stderr.isatty() if progress == "auto" else bool(progress)
         if is_main and show:
             from tqdm import tqdm

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pretrain import dist as pdist
 from pretrain.config import ConfigError, batch_split, save_config, to_dict
 from pretrain.data import build_train_loader, count_samples, eval_loader
-from pretrain.engine.backends import create_backend
+from pretrain.engine.backends import create_backend, deepspeed_config
 from pretrain.engine.checkpoint import Checkpointer, claim_run_dir
 from pretrain.engine.faults import Preemption, Watchdog, default_store
 from pretrain.engine.logger import RunLogger, log, setup_text_log
@@ -47,6 +47,8 @@ def plan(cfg, world: int) -> dict:
                           f"raise data.samples_per_epoch or lower the batch")
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
+    if cfg.train.backend == "deepspeed":   # its config's contradictions with ours, before anything is built
+        deepspeed_config(cfg, world)
     return dict(local_batch=local_batch, steps_per_epoch=steps_per_epoch, total=total,
                 warmup=min(warmup, total), lr=scaled_lr(cfg.optim.lr, gb, cfg.optim.lr_scaling))
 
