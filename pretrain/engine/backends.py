@@ -299,7 +299,7 @@ class DeepSpeedBackend(_Phases):
         return contextlib.nullcontext()   # DeepSpeed tracks the accumulation boundary itself
 
     def forward(self, batch, phase: str = "main"):
-        if self.dtype is not None:  # DeepSpeed holds bf16/fp16 weights: feed matching inputs
+        if self.dtype is not None and not self.module.casts_inputs:   # bf16/fp16 weights: feed matching inputs
             batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
         return self.model(batch) if self.single else self.module(batch, phase)
 

@@ -43,6 +43,10 @@ class Method(nn.Module):
     #: optimizer phases of one training step, in order, each with its own optimizer over
     #: `phase_module(phase)`'s parameters (a GAN: ("d", "g")). Most methods have one.
     phases = ("main",)
+    #: True when the method's networks cast their inputs to their weights' dtype themselves (DDPM's
+    #: UNet): DeepSpeed's bf16/fp16 backend then hands it the batch as loaded, unrounded, instead of
+    #: casting it to the weights' dtype
+    casts_inputs: bool = False
 
     def __init__(self, backbone: nn.Module):
         super().__init__()

@@ -46,6 +46,7 @@ class DDPM(GenerativeMethod):
     defaults = {"timesteps": 1000, "schedule": "cosine", "prediction": "eps", "base_channels": 64,
                 "channel_mults": [1, 2, 2], "blocks": 2, "ema_decay": 0.999, "sample_steps": 50,
                 "sampler": "ddim", "bound_samples": 32}
+    casts_inputs = True   # the UNet casts x_t and its timestep embedding: the data stay fp32 for the noising
 
     def __init__(self, backbone: nn.Module, timesteps=1000, schedule="cosine", prediction="eps", base_channels=64,
                  channel_mults=(1, 2, 2), blocks=2, ema_decay=0.999, sample_steps=50, sampler="ddim",
@@ -64,8 +65,11 @@ class DDPM(GenerativeMethod):
         self.ema = EMA(self.unet_ema, self.unet, copy_buffers=True)
         b = betas_for(schedule, timesteps)
         abar = torch.cumprod(1 - b, 0)
-        for name, v in {"betas": b, "abar": abar, "abar_prev": torch.cat([torch.ones(1, dtype=b.dtype), abar[:-1]])}.items():
-            self.register_buffer(name, v.float(), persistent=False)   # a function of the config, not state
+        # A function of the config, not state, and not a buffer: a module-wide cast (DeepSpeed's bf16/fp16
+        # modes in older versions, .half()) must not round it. In bf16, abar rounds to 1 for the first ~21
+        # of 1000 cosine timesteps, which would then get no noise. fp32 copies per device: `schedule`.
+        self._schedule64 = {"betas": b, "abar": abar, "abar_prev": torch.cat([torch.ones(1, dtype=b.dtype), abar[:-1]])}
+        self._schedule_on = {}
 
     @staticmethod
     def check_sampler(sampler, steps, T):
@@ -74,30 +78,42 @@ class DDPM(GenerativeMethod):
         if not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"the sampler's step count must be in [1, {T}] (method.timesteps), got {steps}")
 
+    def schedule(self, name: str, device) -> torch.Tensor:
+        """The schedule vector `name` (betas, abar or abar_prev) [T], fp32 on `device`, whatever the dtype
+        of the weights or the batch."""
+        key = (name, torch.device(device))
+        if key not in self._schedule_on:
+            self._schedule_on[key] = self._schedule64[name].to(key[1], torch.float32)
+        return self._schedule_on[key]
+
     def _a(self, name, t, x):
-        return getattr(self, name)[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+        """schedule(name) at timesteps t [B], fp32, shaped [B, 1, ...] to broadcast over x [B, ...]."""
+        return self.schedule(name, t.device)[t].view(-1, *[1] * (x.dim() - 1))
 
     def predict_eps_x0(self, net, x_t, t):
-        """The network's prediction as (eps_hat, x0_hat), whatever it was trained to predict."""
+        """The network's prediction as fp32 (eps_hat, x0_hat), whatever it was trained to predict. x0_hat is
+        clamped to [-1, 1] and eps_hat recomputed from the clamped x0_hat, eps = (x_t - sqrt(abar) x0) /
+        sqrt(1 - abar), as in the DDIM and improved-diffusion code (`_predict_eps_from_xstart`): the pair
+        stays on the line x_t = sqrt(abar) x0 + sqrt(1 - abar) eps that a DDIM step follows."""
         out = net(x_t, t).float()
-        a, s = self._a("abar", t, out).sqrt(), (1 - self._a("abar", t, out)).sqrt()
         xt = x_t.float()
-        if self.prediction == "eps":
-            eps = out
-            x0 = (xt - s * eps) / a
-        else:                                  # v = a * eps - s * x0
-            x0 = a * xt - s * out
-            eps = s * xt + a * out
-        return eps, x0.clamp(-1, 1)
+        abar = self._a("abar", t, xt)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        x0 = (xt - s * out) / a if self.prediction == "eps" else a * xt - s * out   # v = a eps - s x0
+        x0 = x0.clamp(-1, 1)
+        return (xt - a * x0) / s, x0
 
     def training_step(self, batch):
-        x0 = batch["views"][0]                                                   # [B, 3, S, S] in [-1, 1]
+        # Schedule arithmetic and noising in fp32 whatever the engine dtype; the UNet casts its inputs
+        # (x_t, the timestep embedding) to its weights' dtype.
+        x0 = batch["views"][0].float()                                           # [B, 3, S, S] in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)          # index t = step t+1
         eps = torch.randn_like(x0)
-        a, s = self._a("abar", t, x0).sqrt(), (1 - self._a("abar", t, x0)).sqrt()
+        abar = self._a("abar", t, x0)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
         x_t = a * x0 + s * eps
         target = eps if self.prediction == "eps" else a * eps - s * x0
-        return {"loss": (self.unet(x_t, t).float() - target.float()).pow(2).mean()}
+        return {"loss": (self.unet(x_t, t).float() - target).pow(2).mean()}
 
     def after_step(self, step, total_steps):
         self.ema.update(self.ema_decay)
@@ -113,19 +129,24 @@ class DDPM(GenerativeMethod):
         dev, S = self._device(), self.image_size
         net = self.unet_ema
         x = randn((n, 3, S, S), generator, dev)
-        ts = torch.linspace(self.T - 1, 0, steps, device=dev).round().long().unique_consecutive()
-        for i, t in enumerate(ts):
-            tt = t.repeat(n)
-            eps, x0 = self.predict_eps_x0(net, x, tt)
-            t_prev = ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1, device=dev)
-            abar_t = self.abar[t]
-            abar_prev = self.abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, device=dev)
-            if sampler == "ddim":                                               # deterministic (eta = 0)
-                x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
-            else:                                                               # ancestral, strided betas
-                mean, var = posterior(x, x0, abar_t, abar_prev)
-                x = mean + (var.sqrt() * randn(x.shape, generator, dev) if t_prev >= 0 else 0)
+        ts = torch.linspace(self.T - 1, 0, steps).round().long().unique_consecutive().tolist()
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            x = self.sampler_step(net, x, t, t_prev, sampler, generator)
         return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def sampler_step(self, net, x, t: int, t_prev: int, sampler: str = "ddim", generator=None):
+        """One reverse step of x [n, 3, S, S] from timestep index t to t_prev (-1: to x_0). DDIM, eta = 0
+        (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat; DDPM:
+        ancestral, from the posterior q(x_prev | x_t, x0_hat) of the (strided) step."""
+        dev = x.device
+        eps, x0 = self.predict_eps_x0(net, x, torch.full((x.shape[0],), t, dtype=torch.long, device=dev))
+        abar = self.schedule("abar", dev)
+        abar_t, abar_prev = abar[t], abar[t_prev] if t_prev >= 0 else torch.ones((), device=dev)
+        if sampler == "ddim":
+            return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+        mean, var = posterior(x, x0, abar_t, abar_prev)
+        return mean + (var.sqrt() * randn(x.shape, generator, dev) if t_prev >= 0 else 0)
 
     @torch.no_grad()
     def bits_per_dim(self, images, generator=None):
@@ -137,7 +158,7 @@ class DDPM(GenerativeMethod):
             return posterior(x_t, x0_, self._a("abar", t, x_t), self._a("abar_prev", t, x_t))
 
         # L_T: KL(q(x_T | x_0) || N(0, I))
-        abT = self.abar[-1]
+        abT = self.schedule("abar", x0.device)[-1]
         mT, vT = abT.sqrt() * x0, (1 - abT)
         L_T = 0.5 * (mT.pow(2) + vT - 1 - torch.log(vT)).flatten(1).sum(1)
         # L_{t-1}, t = 2..T: KL between the true and the model posterior (same variance): every t when
@@ -163,6 +184,6 @@ class DDPM(GenerativeMethod):
         eps = randn(x0.shape, generator, x0.device)
         x1 = self._a("abar", t0, x0).sqrt() * x0 + (1 - self._a("abar", t0, x0)).sqrt() * eps
         _, x0_hat = self.predict_eps_x0(net, x1, t0)
-        log_std = 0.5 * torch.log(self.betas[0]).expand_as(x0)
+        log_std = 0.5 * torch.log(self.schedule("betas", x0.device)[0]).expand_as(x0)
         L_0 = -discretized_log_prob(x0, x0_hat, log_std, "gaussian").flatten(1).sum(1)
         return (L_T + L_mid + L_0) / (D * math.log(2))

@@ -118,8 +118,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, 1, 1))
 
     def forward(self, x, t):
-        temb = self.temb(timestep_embedding(t, self.base))
-        h = self.inp(x)
+        dtype = self.inp.weight.dtype   # inputs made in fp32 meet the weights' dtype (bf16/fp16 under DeepSpeed)
+        temb = self.temb(timestep_embedding(t, self.base).to(dtype))
+        h = self.inp(x.to(dtype))
         hs = [h]
         for layer in self.down:
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
