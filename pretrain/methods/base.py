@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.data.views import ViewSpec
+from pretrain.models.ema import EMA
 
 
 def no_weight_decay_names(module: nn.Module) -> Set[str]:
@@ -88,11 +89,20 @@ class Method(nn.Module):
         """Called once per optimizer step (not per micro-batch): EMA/momentum updates go here."""
 
     def extra_state(self) -> dict:
-        """Non-parameter state to checkpoint (queues, pointers); tensors and plain Python only."""
-        return {}
+        """Non-parameter state to checkpoint (queues, pointers); tensors and plain Python only. Here: the
+        state of every EMA the method keeps as an attribute (fp32 masters; a collective under ZeRO-3, as
+        the engine calls it on every rank). Overrides add to super().extra_state()."""
+        emas = self._emas()
+        return {"ema": {name: ema.state_dict() for name, ema in emas.items()}} if emas else {}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        """Restore extra_state() after the weights were loaded (EMAs: their masters, or restart them from
+        the loaded targets when the checkpoint has none). Overrides call super().load_extra_state(state)."""
+        for name, ema in self._emas().items():
+            ema.load_state_dict(state.get("ema", {}).get(name))
+
+    def _emas(self) -> Dict[str, EMA]:
+        return {name: v for name, v in vars(self).items() if isinstance(v, EMA)}
 
     def export_backbone(self, which: str = "default") -> nn.Module:
         """The backbone `pretrain export` writes."""

@@ -118,9 +118,6 @@ class DDPM(GenerativeMethod):
     def after_step(self, step, total_steps):
         self.ema.update(self.ema_decay)
 
-    def load_extra_state(self, state):
-        self.ema.reset()
-
     @torch.no_grad()
     def sample(self, n, generator=None, steps=None, sampler=None, **kwargs):
         steps = self.sample_steps if steps is None else steps

@@ -80,9 +80,6 @@ class GAN(GenerativeMethod):
     def after_step(self, step, total_steps):
         self.ema.update(self.ema_decay)
 
-    def load_extra_state(self, state):
-        self.ema.reset()
-
     @torch.no_grad()
     def sample(self, n, generator=None, **kwargs):
         was = self.generator_ema.training

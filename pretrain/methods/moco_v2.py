@@ -120,7 +120,7 @@ class MoCoV2(MomentumMethod):
         return {"loss": loss}
 
     def extra_state(self) -> dict:
-        return {"queue": self.queue.detach().cpu().clone(), "queue_ptr": self.queue_ptr}
+        return {**super().extra_state(), "queue": self.queue.detach().cpu().clone(), "queue_ptr": self.queue_ptr}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)

@@ -45,9 +45,6 @@ class MomentumMethod(Method):
     def after_step(self, step: int, total_steps: int) -> None:
         self.ema.update(self.momentum_at(step, total_steps))
 
-    def load_extra_state(self, state: dict) -> None:
-        self.ema.reset()   # the key weights were just reloaded: re-seed any fp32 masters from them
-
     def export_backbone(self, which: str = "default"):
         if which in ("default", "query"):
             return self.backbone

@@ -11,16 +11,25 @@ full copy updated as well. With DDP and ZeRO-1/2 parameters are replicated and t
 
 When the weights are bf16/fp16 (DeepSpeed's half-precision modules), an fp32 master of the target
 is kept: at m = 0.99..0.9999 the per-step change is below bf16's resolution and a half-precision
-EMA would stall. The master is not checkpointed; on resume it restarts from the saved (half
-precision) target, a rounding-sized difference.
+EMA would stall. The masters are checkpointed (`state_dict`, in the method's extra state), so a
+resumed run continues bit for bit. They are per rank under ZeRO-3 (each rank's partition), and
+a checkpoint's client state is written by rank 0: the partition masters are gathered to rank 0 on
+save and scattered back on load. Resumed on another number of ranks, the partitions no longer
+match: those masters restart from the (half-precision) target, with a warning.
 """
 from __future__ import annotations
 
 import copy
-from typing import List, Optional
+import logging
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from pretrain.losses.distributed import world_info
+
+log = logging.getLogger("pretrain")
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -59,15 +68,14 @@ class EMA:
     def __init__(self, target: nn.Module, online: nn.Module, copy_buffers: bool = False):
         self.target, self.online, self.copy_buffers = target, online, copy_buffers
         self._pairs: Optional[list] = None
+        self._masters: dict = {}   # (pair index, "part"|"full") -> fp32 master, for half-precision targets
 
     def _setup(self):
-        # Lazily, at the first update: after DeepSpeed has cast, partitioned or re-wrapped the weights.
+        # Lazily, at the first update or load: after DeepSpeed has cast, partitioned or re-wrapped the weights.
         t, o = list(self.target.parameters()), list(self.online.parameters())
-        shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))   # noqa: E731  (ZeRO-3 keeps the full shape here)
-        if len(t) != len(o) or any(shape(a) != shape(b) for a, b in zip(t, o)):
+        if len(t) != len(o) or any(_full_shape(a) != _full_shape(b) for a, b in zip(t, o)):
             raise ValueError("EMA target and online networks have different parameters")
         self._pairs = list(zip(t, o))
-        self._masters = {}   # (pair index, "part"|"full") -> fp32 master, for half-precision targets
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
@@ -88,5 +96,57 @@ class EMA:
                 tb.copy_(ob)
 
     def reset(self) -> None:
-        """Forget the fp32 masters (after loading weights into the target, e.g. on resume)."""
-        self._pairs = None
+        """Forget the fp32 masters: they restart from the target's weights (after loading weights into it)."""
+        self._pairs, self._masters = None, {}
+
+    def _partitioned(self) -> bool:
+        return any(hasattr(p, "ds_tensor") for p in self.target.parameters())
+
+    def state_dict(self) -> dict:
+        """What the EMA keeps beyond the target's weights, for a checkpoint: the fp32 masters, as CPU
+        tensors under "<pair index>.<full|part>" (none where the target is fp32). "full" masters are
+        the same on every rank; "part" masters (ZeRO-3) are this rank's partitions, gathered to rank 0
+        as "parts" (a list by rank), so call this on every rank together. Other ranks return no parts."""
+        rank, world = world_info()
+        kept = {kind: {f"{i}.{k}": m.detach().cpu().clone() for (i, k), m in self._masters.items() if k == kind}
+                for kind in ("full", "part")}
+        parts = [kept["part"]]
+        if world > 1 and self._partitioned():
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(kept["part"], parts, dst=0)
+        return {"world": world, "full": kept["full"], "parts": parts if rank == 0 else []}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Restore `state_dict()`'s masters after the target's weights were loaded; call on every rank
+        together (ZeRO-3: rank 0 hands each rank its partitions). None (a checkpoint without EMA state)
+        restarts the masters from the target. Partition masters saved by another number of ranks
+        cannot be used: they restart from the target, with a warning."""
+        rank, world = world_info()
+        self.reset()
+        self._setup()
+        state = state or {"world": world, "full": {}, "parts": []}
+        parts = state["parts"]
+        if rank == 0 and any(parts) and state["world"] != world:
+            log.warning("the EMA's fp32 masters of ZeRO-3 partitions were saved by %d rank(s) and this run has %d: "
+                        "they restart from the half-precision EMA weights (a rounding-sized difference from an "
+                        "uninterrupted run)", state["world"], world)
+            parts = []
+        if world > 1 and self._partitioned():
+            mine = [None]
+            dist.scatter_object_list(mine, (list(parts) or [{}] * world) if rank == 0 else None, src=0)
+            part = mine[0] or {}
+        else:
+            part = parts[0] if parts else {}
+        for key, master in {**state["full"], **part}.items():
+            i, kind = key.split(".")
+            t = self._pairs[int(i)][0]
+            view = t.ds_tensor if kind == "part" and hasattr(t, "ds_tensor") else t if kind == "full" else None
+            shape = None if view is None else tuple(view.shape) if kind == "part" else _full_shape(t)
+            if shape != tuple(master.shape):
+                raise ValueError(f"the checkpoint's EMA master {key} is {tuple(master.shape)} and the model has "
+                                 f"{shape or 'no ZeRO-3 partition'} there: resume with the run's own model and ZeRO stage")
+            self._masters[(int(i), kind)] = master.to(view.device, torch.float32, copy=True)
+
+
+def _full_shape(p: torch.Tensor):
+    return tuple(getattr(p, "ds_shape", p.shape))   # ZeRO-3 keeps the full shape here
