@@ -15,6 +15,8 @@ from typing import List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from pretrain import comm
+
 
 @dataclass
 class DistEnv:
@@ -79,7 +81,7 @@ def init_distributed(env: DistEnv, backend: str = "auto", timeout_s: float = 180
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
-    if env.world_size > 1 and not dist.is_initialized():
+    if env.world_size > 1 and not comm.initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
@@ -105,35 +107,13 @@ def _attempt_store(env: DistEnv, timeout: timedelta):
     return dist.PrefixStore(f"pretrain/attempt_{attempt}", store)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src)
-    return box[0]
-
-
 def cleanup() -> None:
     """Tear the process group down on every rank together.
 
     The barrier matters with gloo: a rank that destroys its group while a peer is still busy (e.g.
     rank 0 writing a file) can make the peer's transport thread abort the process at exit."""
-    if dist.is_initialized():
+    if comm.initialized():
         try:
-            if dist.get_world_size() > 1:
-                dist.barrier()
+            comm.barrier()
         finally:
             dist.destroy_process_group()

@@ -46,3 +46,32 @@ def test_torchrun_wins_over_slurm():
 
 def test_single_slurm_task_is_single_process():
     assert env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"}).world_size == 1
+
+
+def test_rank_and_world_size_are_asked_in_one_place():
+    """pretrain.comm is the one module that asks torch.distributed who this process is; everything else (library
+    and app) asks it, so a new backend has one place to fit."""
+    import re
+
+    from helpers import REPO
+
+    asks = re.compile(r"\b(?:dist|torch\.distributed)\.(get_rank|get_world_size|is_initialized)\(")
+    offenders = [f"{p.relative_to(REPO)}:{i}" for p in sorted((REPO / "pretrain").rglob("*.py")) if p.name != "comm.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if asks.search(line)]
+    assert not offenders, offenders
+    helpers = re.compile(r"^def (world_info|get_rank|get_world_size|barrier|all_reduce_mean|broadcast_object)\(", re.M)
+    twins = [str(p.relative_to(REPO)) for p in (REPO / "pretrain").rglob("*.py") if p.name != "comm.py"
+             and helpers.search(p.read_text())]
+    assert not twins, twins
+
+
+def test_comm_in_one_process():
+    import torch
+
+    from pretrain import comm
+
+    assert comm.world_info() == (0, 1) and comm.is_main() and not comm.initialized()
+    x = torch.arange(3.0)
+    assert comm.all_reduce_mean(x) is x and comm.broadcast_object({"a": 1}) == {"a": 1}
+    assert comm.all_gather_object(5) == [5]
+    comm.barrier()

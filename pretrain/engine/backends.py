@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain import comm
 from pretrain.config import ConfigError
 from pretrain.engine.checkpoint import CheckpointError
 from pretrain.engine.optim import build_optimizer
@@ -67,12 +68,12 @@ def only_training(method, phase: str):
 
 def all_reduce_grads(params) -> None:
     """Average .grad over ranks with one flat all-reduce (what DDP does, without the wrapper)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if comm.world_size() == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]   # same layout on every rank
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat /= comm.world_size()
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
@@ -99,7 +100,7 @@ class DDPBackend(_Phases):
     def __init__(self, method, cfg, device):
         self.module = place(method, cfg, device)
         self.device, self.accum, self.clip = device, cfg.train.grad_accum, cfg.train.clip_grad
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = comm.world_size()
         self.model = method
         self.ddp = world > 1 and len(method.phases) == 1
         if self.ddp:
@@ -140,7 +141,7 @@ class DDPBackend(_Phases):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        if not self.ddp and len(self.module.phases) > 1 and dist.is_initialized():
+        if not self.ddp and len(self.module.phases) > 1 and comm.initialized():
             for b in self.module.buffers():   # as DDP does: every rank on rank 0's BN statistics
                 dist.broadcast(b, 0)
         return norm
@@ -156,7 +157,7 @@ class DDPBackend(_Phases):
 
     def save(self, path: Path, client_state: dict):
         """One file, written by rank 0 under a temporary name and renamed into place."""
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if not comm.is_main():
             return
         state = {"model": self.module.state_dict(),
                  "optimizer": {p: o.state_dict() for p, o in self.optimizers.items()},
@@ -271,8 +272,8 @@ class DeepSpeedBackend(_Phases):
     def __init__(self, method, cfg, device):
         import deepspeed
 
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if not dist.is_initialized():  # DeepSpeed insists on a process group, even for one process (no launcher
+        world = comm.world_size()
+        if not comm.initialized():  # DeepSpeed insists on a process group, even for one process (no launcher
             # variables to rendezvous with: an in-memory store does for a group of one)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
             for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):   # DeepSpeed asserts on these
@@ -358,17 +359,17 @@ class DeepSpeedBackend(_Phases):
             state = dict(client_state, unmanaged=self._unmanaged())
             for p, engine in self.engines.items():
                 engine.save_checkpoint(str(tmp), tag=p, client_state=state, save_latest=False)
-        dist.barrier()
-        if dist.get_rank() == 0:   # the config in plain JSON too, so export never has to unpickle
+        comm.barrier()
+        if comm.is_main():   # the config in plain JSON too, so export never has to unpickle
             (tmp / "pretrain_config.json").write_text(json.dumps(client_state["config"]))
             tmp.rename(path)
-        dist.barrier()
+        comm.barrier()
 
     def load(self, path: Path) -> dict:
         where = {p: (path.parent, path.name) if self.single else (path, p) for p in self.engines}
         for p, engine in self.engines.items():
             ckpt_dir, tag = where[p]
-            universal = to_universal(ckpt_dir, tag, dist.get_world_size())
+            universal = to_universal(ckpt_dir, tag, comm.world_size())
             if universal:   # tell the engine to read the universal layout (read at load time, not init)
                 engine._config.load_universal_checkpoint = True
                 ckpt_dir, tag = universal
@@ -393,7 +394,7 @@ def to_universal(ckpt_dir: Path, tag: str, world: int):
     if not saved or saved == world:
         return None
     out = Path(ckpt_dir) / f"{tag}.universal"
-    if dist.get_rank() == 0 and not out.is_dir():
+    if comm.is_main() and not out.is_dir():
         log.warning("%s was written by %d ranks and this run has %d: converting it to DeepSpeed's universal "
                     "checkpoint format in %s (once)", Path(ckpt_dir) / tag, saved, world, out)
         tmp = out.with_name(f".tmp-{out.name}")
@@ -408,7 +409,7 @@ def to_universal(ckpt_dir: Path, tag: str, world: int):
                                   f"converting it to DeepSpeed's universal format failed ({err}); resume on {saved} ranks")
         tmp.rename(out)
         (Path(ckpt_dir) / "latest_universal").unlink(missing_ok=True)   # the converter's pointer file; we load by tag
-    dist.barrier()
+    comm.barrier()
     return out.parent, out.name
 
 

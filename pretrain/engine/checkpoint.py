@@ -17,9 +17,8 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from pretrain import dist as pdist
+from pretrain import comm
 from pretrain.config import ConfigError
 from pretrain.engine.logger import log
 
@@ -87,12 +86,12 @@ def claim_run_dir(run_dir, resume, overwrite=None) -> Optional[Path]:
     `archive` (they move to checkpoints.old-<UTC time>/) or `delete`. Rank 0 decides and moves or
     deletes; every rank returns (or raises) rank 0's answer, after it is done."""
     outcome = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if comm.is_main():
         try:
             outcome = _claim(Path(run_dir), resume, overwrite)
         except Exception as e:   # every rank must hear of it, or the others would wait in the broadcast
             outcome = e
-    outcome = pdist.broadcast_object(outcome)
+    outcome = comm.broadcast_object(outcome)
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
@@ -151,8 +150,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, backend, keep_last: int = 3):
         self.dir = Path(run_dir) / "checkpoints"
         self.backend, self.keep_last = backend, max(1, keep_last)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = comm.world_info()
 
     def _path(self, step: int) -> Path:
         return self.dir / (f"step_{step:08d}.pt" if self.backend.name == "ddp" else f"step_{step:08d}")
@@ -160,17 +158,11 @@ class Checkpointer:
     def save(self, step: int, epoch: int, config: dict, extra: dict, data: Optional[dict] = None) -> Path:
         """Write step `step` (every rank calls this). `data`: this rank's data-stream position
         (TrainLoader.state_dict()); like the RNG states, every rank's is gathered and saved, by rank."""
-        mine = (rng_state(), data)
-        gathered = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
+        gathered = comm.all_gather_object((rng_state(), data))
         rngs, datas = [g[0] for g in gathered], [g[1] for g in gathered]
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-        if dist.is_initialized():
-            dist.barrier()
+        comm.barrier()
         path = self._path(step)
         self.backend.save(path, {"step": step, "epoch": epoch, "config": config, "rng": rngs, "data": datas,
                                  "extra": extra})

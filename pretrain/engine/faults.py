@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from pretrain import comm
 from pretrain.engine.logger import log
 
 
@@ -54,7 +55,7 @@ class Preemption:
         self._old: Dict[int, object] = {}
         self._pending = None
         self.group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if comm.world_size() > 1:
             # a group of its own: gloo, so the flag is a CPU tensor whatever the training backend
             self.group = dist.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():   # Python allows handlers only there
@@ -86,7 +87,7 @@ class Preemption:
         returns whether the job was requeued."""
         job = os.environ.get("SLURM_JOB_ID")
         ok = False
-        if job and self.agreed in self.requeue_on and (not dist.is_initialized() or dist.get_rank() == 0):
+        if job and self.agreed in self.requeue_on and comm.is_main():
             # the array task's own id when in an array: SLURM_JOB_ID is that already
             p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             ok = p.returncode == 0
@@ -95,7 +96,7 @@ class Preemption:
             else:
                 log.error("scontrol requeue %s failed (%s); resubmit the job to resume", job,
                           (p.stderr or p.stdout).strip())
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if comm.world_size() > 1:
             box = [ok]
             dist.broadcast_object_list(box, 0, group=self.group)
             ok = box[0]

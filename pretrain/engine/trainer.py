@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
+from pretrain import comm
 from pretrain import dist as pdist
 from pretrain.config import ConfigError, batch_split, save_config, to_dict
 from pretrain.data import build_train_loader, count_samples, eval_loader
@@ -62,7 +62,7 @@ def memory_mb(device) -> float:
 @torch.no_grad()
 def knn_monitor(backend, cfg) -> float:
     """kNN top-1 on data.val with data.train as the memory bank; every rank extracts its share."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = comm.world_info()
     model = backend.eval_module()   # ranks see different numbers of batches: no collectives inside
     was_training = model.training
     model.eval()
@@ -73,8 +73,7 @@ def knn_monitor(backend, cfg) -> float:
         out.append(extract_features(model.features, loader, backend.device, cfg.data.mean, cfg.data.std, backend.dtype))
     model.train(was_training)
     if world > 1:   # gather everyone's features on every rank
-        parts = [None] * world
-        dist.all_gather_object(parts, out)
+        parts = comm.all_gather_object(out)
         # a rank with no shard of a split has empty [0, 0] features: leave it out of the concatenation
         out = [tuple(torch.cat([p[i][j] for p in parts if len(p[i][1])]) for j in range(2)) for i in range(2)]
     (tf, ty), (vf, vy) = out
@@ -145,7 +144,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
         metrics = _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, watch, data_state)
         if preempt.agreed:
             metrics.update(preempted=signal.Signals(preempt.agreed).name, requeued=preempt.requeue())
-    pdist.barrier()
+    comm.barrier()
     return metrics
 
 
@@ -198,7 +197,7 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
             watch.mark(step, "log")
             # one collective: the rank-mean of the losses, and of the corrupt-sample counts (x W = sum)
             skipped = torch.tensor([float(loader.skipped if loader else 0)], device=losses_sum.device)
-            *mean, skipped = pdist.all_reduce_mean(torch.cat([losses_sum / n_logged, skipped])).tolist()
+            *mean, skipped = comm.all_reduce_mean(torch.cat([losses_sum / n_logged, skipped])).tolist()
             elapsed = time.perf_counter() - t_last
             metrics = dict(zip(names, mean))
             metrics.update({"grad_norm" if k == "main" else f"{k}/grad_norm": float(v) for k, v in norms.items()})

@@ -13,11 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from pretrain.comm import world_info
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.distributed import gather_no_grad, gather_with_grad, world_info
+from pretrain.comm import world_info
+from pretrain.losses.distributed import gather_no_grad, gather_with_grad
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pretrain.losses.distributed import world_info
+from pretrain.comm import world_info
 
 log = logging.getLogger("pretrain")
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.losses.distributed import gather_with_grad, world_info
+from pretrain.comm import world_info
+from pretrain.losses.distributed import gather_with_grad
 
 
 class Fp32BatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain import comm
 from pretrain import dist as pdist
 from pretrain.losses import info_nce, nt_xent
 from pretrain.models import GlobalBatchNorm, convert_sync_bn
@@ -31,7 +32,7 @@ assert any(isinstance(m, GlobalBatchNorm) for m in method.modules())
 ddp = DistributedDataParallel(method)
 loss = ddp({"views": inputs["views"][:, sl]})["loss"]
 loss.backward()
-result["loss"] = pdist.all_reduce_mean(loss.detach())
+result["loss"] = comm.all_reduce_mean(loss.detach())
 result["grads"] = {n: p.grad.clone() for n, p in method.named_parameters()}
 result["buffers"] = {n: b.clone() for n, b in method.named_buffers()}
 
