@@ -96,7 +96,8 @@ def test_likelihood_models_report_bits_per_dim():
     ("gan", ["data.image_size=24"], "not one of 8, 16, 32"),
     ("ddpm", ["data.image_size=10", "method.channel_mults=[1,2,2]"], "must be a multiple of 4"),
     ("vae", ["method.likelihood=bernoulli"], "likelihood must be one of logistic, gaussian"),
-    ("ddpm", ["method.sample_steps=0"], r"step count must be in \[1, 20\]"),
+    ("ddpm", ["method.sample_steps=0"], r"method.sample_steps must be an integer >= 1, got 0"),
+    ("ddpm", ["method.sample_steps=21"], r"step count must be in \[1, 20\]"),
     ("pixelcnn", ["method.output=mixture"], "output must be one of softmax, logistic_mixture"),
 ])
 def test_bad_generative_settings(name, extra, match):

@@ -220,10 +220,10 @@ def test_cpc_patch_grid():
 
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("overrides,match", [
-    (["method.name=moco_v2", "method.queue_size=0"], "method.queue_size must be a positive"),
-    (["method.name=moco_v2", "method.queue_size=-5"], "method.queue_size must be a positive"),
-    (["method.name=moco_v2", "method.momentum=1.5"], r"method.momentum must be in \[0, 1\]"),
-    (["method.name=moco_v3", "method.momentum=-0.1"], r"method.momentum must be in \[0, 1\]"),
+    (["method.name=moco_v2", "method.queue_size=0"], "method.queue_size must be an integer >= 1, got 0"),
+    (["method.name=moco_v2", "method.queue_size=-5"], "method.queue_size must be an integer >= 1, got -5"),
+    (["method.name=moco_v2", "method.momentum=1.5"], r"method.momentum must be a number in \[0, 1\]"),
+    (["method.name=moco_v3", "method.momentum=-0.1"], r"method.momentum must be a number in \[0, 1\]"),
     (["method.name=cpc", "method.patch_size=8", "method.patch_stride=3"], "do not tile data.image_size=16.*strides that fit"),
     (["method.name=cpc", "method.patch_size=20"], "need patch_size <= image_size"),
     (["method.name=cpc", "method.pred_steps=3"], "pred_steps=3 must be in"),
@@ -241,7 +241,7 @@ def test_bad_queue_size_from_the_cli_is_one_line(tmp_path, digits_shards, experi
 
     p = cli("train", experiment, *train_overrides(digits_shards, tmp_path / "run", method__name="moco_v2",
                                                  method__queue_size=0), timeout=120)
-    assert "method.queue_size must be a positive" in error_line(p)
+    assert "method.queue_size must be an integer >= 1, got 0" in error_line(p)
 
 
 def test_cpc_features_average_the_patch_grid():

@@ -16,6 +16,7 @@ import torch.nn as nn
 from pretrain.data.views import IDENTITY
 from pretrain.losses.likelihood import discretized_log_prob
 from pretrain.methods.generative import GenerativeMethod, randn
+from pretrain.methods.params import choice, fraction, integer, integers
 from pretrain.methods.registry import METHODS
 from pretrain.models.ema import EMA, momentum_copy
 from pretrain.models.generative import UNet
@@ -46,6 +47,9 @@ class DDPM(GenerativeMethod):
     defaults = {"timesteps": 1000, "schedule": "cosine", "prediction": "eps", "base_channels": 64,
                 "channel_mults": [1, 2, 2], "blocks": 2, "ema_decay": 0.999, "sample_steps": 50,
                 "sampler": "ddim", "bound_samples": 32}
+    checks = {"timesteps": integer(2), "schedule": choice("linear", "cosine"), "prediction": choice("eps", "v"),
+              "base_channels": integer(1), "channel_mults": integers(1), "blocks": integer(1), "ema_decay": fraction(),
+              "sample_steps": integer(1), "sampler": choice("ddpm", "ddim"), "bound_samples": integer(1)}
     casts_inputs = True   # the UNet casts x_t and its timestep embedding: the data stay fp32 for the noising
 
     def __init__(self, backbone: nn.Module, timesteps=1000, schedule="cosine", prediction="eps", base_channels=64,
@@ -53,10 +57,6 @@ class DDPM(GenerativeMethod):
                  bound_samples=32, image_size=32):
         super().__init__(backbone, image_size)
         self.backbone = None   # a pixel-space model: no timm backbone to train or export
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"method.prediction must be eps or v, got {prediction!r}")
-        if timesteps < 2:
-            raise ValueError(f"method.timesteps must be >= 2, got {timesteps}")
         self.check_sampler(sampler, sample_steps, timesteps)
         self.T, self.prediction, self.ema_decay = timesteps, prediction, ema_decay
         self.sample_steps, self.sampler, self.bound_samples = sample_steps, sampler, bound_samples

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.methods.generative import GenerativeMethod, randn
+from pretrain.methods.params import choice, fraction, integer, non_negative
 from pretrain.methods.registry import METHODS
 from pretrain.models.ema import EMA, momentum_copy
 from pretrain.models.generative import ConvDecoder, DCGANDiscriminatorTrunk
@@ -28,16 +29,12 @@ class GAN(GenerativeMethod):
     phases = ("d", "g")
     defaults = {"latent_dim": 128, "loss": "hinge", "r1": 0.0, "discriminator": "dcgan", "width": 64,
                 "ema_decay": 0.999}
+    checks = {"latent_dim": integer(1), "loss": choice(*LOSSES), "r1": non_negative(), "discriminator": choice("timm", "dcgan"),
+              "width": integer(1), "ema_decay": fraction()}
 
     def __init__(self, backbone: nn.Module, latent_dim=128, loss="hinge", r1=0.0, discriminator="dcgan", width=64,
                  ema_decay=0.999, image_size=32):
         super().__init__(backbone, image_size)
-        if loss not in LOSSES:
-            raise ValueError(f"method.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if discriminator not in ("timm", "dcgan"):
-            raise ValueError(f"method.discriminator must be timm or dcgan, got {discriminator!r}")
-        if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"method.ema_decay must be in [0, 1], got {ema_decay}")
         self.latent_dim, self.loss, self.r1, self.ema_decay = latent_dim, loss, r1, ema_decay
         if discriminator == "dcgan":
             self.backbone = DCGANDiscriminatorTrunk(image_size, width)

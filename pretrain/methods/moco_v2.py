@@ -20,8 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.data.views import ViewSpec
-from pretrain.losses import queue_info_nce, gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks, world_info
+from pretrain.comm import world_info
+from pretrain.losses import queue_info_nce, gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks
 from pretrain.methods.momentum import MomentumMethod
+from pretrain.methods.params import boolean, integer, positive
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
 
@@ -58,16 +60,14 @@ class MoCoV2(MomentumMethod):
         "shuffle_bn": True,                # across ranks; in one process, split-BN instead
         "split_bn_groups": 8,              # one process only: sub-batches for split-BN
     }
+    checks = {**MomentumMethod.checks, "temperature": positive(), "proj_hidden_dim": integer(1), "proj_dim": integer(1),
+              "proj_layers": integer(1), "proj_bn": boolean(), "queue_size": integer(1), "shuffle_bn": boolean(),
+              "split_bn_groups": integer(1)}   # any queue size works, a multiple of the global batch or not
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=2048, proj_dim=128, proj_layers=2,
                  proj_bn=False, queue_size=65536, momentum=0.999, momentum_schedule="constant", shuffle_bn=True,
                  split_bn_groups=8):
         super().__init__(backbone, momentum, momentum_schedule)
-        if not isinstance(queue_size, int) or queue_size <= 0:
-            raise ValueError(f"method.queue_size must be a positive number of keys, got {queue_size}; "
-                             f"MoCo uses 65536 (any K works, a multiple of the global batch or not)")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature must be > 0, got {temperature}")
         self.temperature, self.shuffle_bn, self.split_bn_groups = temperature, shuffle_bn, split_bn_groups
         # official MoCo v2 head: fc -> ReLU -> fc (biases, no BN); proj_bn=true: SimCLR's head with BN
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, bn=proj_bn)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
 from pretrain.methods.momentum import MomentumMethod
+from pretrain.methods.params import boolean, integer, positive
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
 
@@ -57,13 +58,14 @@ class MoCoV3(MomentumMethod):
         "pred_last_bn": True,            # the predictor ends in BN (official ViT head; its ResNet head does not)
         "stop_grad_conv1": False,        # ViTs: freeze the random patch projection (on in the paper's ViT runs)
     }
+    checks = {**MomentumMethod.checks, "temperature": positive(), "proj_hidden_dim": integer(1), "proj_dim": integer(1),
+              "proj_layers": integer(1), "pred_hidden_dim": integer(1), "sync_bn": boolean(), "pred_last_bn": boolean(),
+              "stop_grad_conv1": boolean()}
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=4096, proj_dim=256, proj_layers=3,
                  pred_hidden_dim=4096, momentum=0.99, momentum_schedule="cosine", sync_bn=True, pred_last_bn=True,
                  stop_grad_conv1=False):
         super().__init__(backbone, momentum, momentum_schedule)
-        if temperature <= 0:
-            raise ValueError(f"method.temperature must be > 0, got {temperature}")
         self.temperature, self.sync_bn = temperature, sync_bn
         if stop_grad_conv1:
             freeze_patch_projection(backbone, f"the backbone ({type(backbone).__name__})")

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from pretrain.methods.base import Method
+from pretrain.methods.params import choice, fraction
 from pretrain.models.ema import EMA, momentum_copy
 from pretrain.schedules import cosine
 
@@ -21,12 +22,11 @@ class MomentumMethod(Method):
     step 0 to 1.0 at the last step (BYOL / MoCo v3) -- a function of the step, so resume needs nothing else.
     """
 
+    #: the rules of the keys every momentum method has; subclasses add theirs: {**MomentumMethod.checks, ...}
+    checks = {"momentum": fraction(), "momentum_schedule": choice(*SCHEDULES)}
+
     def __init__(self, backbone: nn.Module, momentum: float, momentum_schedule: str):
         super().__init__(backbone)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"method.momentum must be in [0, 1], got {momentum}; MoCo uses 0.99-0.999")
-        if momentum_schedule not in SCHEDULES:
-            raise ValueError(f"method.momentum_schedule must be one of {', '.join(SCHEDULES)}, got {momentum_schedule!r}")
         self.momentum, self.momentum_schedule = momentum, momentum_schedule
 
     def init_momentum_encoder(self, names: Sequence[str]) -> None:

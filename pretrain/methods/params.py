@@ -55,7 +55,7 @@ def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False, hi_open: b
     """A number in [lo, hi] (open at either end when asked)."""
     def ok(v):
         return _number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     return Rule(f"a number in {span}", ok, tuple(x for x in (lo - 0.5, hi + 0.5, "x") + ((lo,) if lo_open else ())
                                                 + ((hi,) if hi_open else ())))
 
