@@ -244,7 +244,8 @@ def run_one(a, W, stage, precision):
         method = convert_sync_bn(method, torch.device("cpu"))
     psi = sum(p.numel() for p in method.parameters() if p.requires_grad)
     persist = sum(p.numel() for p in method.parameters() if p.numel() <= PERSIST)
-    # global BN: per layer, [sum, sum of squares, count] (2C+1 fp32) all-reduced forward and backward
+    # global BN: per layer, [sum, count] (C+1 fp32) then the squared deviations (C) all-reduced forward,
+    # and the gradients of both backward
     bn = 8 * sum(2 * m.num_features + 1 for m in method.modules() if isinstance(m, GlobalBatchNorm))
     buffers = sum(b.numel() * b.element_size() for b in method.buffers())   # DDP broadcasts them every forward
     be = create_backend(method, cfg, torch.device("cpu"))

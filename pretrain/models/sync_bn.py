@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.comm import world_info
-from pretrain.losses.distributed import gather_with_grad
+from pretrain.losses.distributed import all_reduce_sum_with_grad
 
 
 class Fp32BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -48,25 +48,6 @@ def convert_to_fp32_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def batch_moments(x: torch.Tensor):
-    """x [B, C, ...] -> (count: 0-d, mean [C], M2 [C] = sum of squared deviations from the mean), fp32, two passes."""
-    dims = [0] + list(range(2, x.dim()))
-    xf = x.float()
-    mean = xf.mean(dims)                                                          # [C]
-    m2 = (xf - mean.view([1, -1] + [1] * (x.dim() - 2))).square().sum(dims)      # [C]
-    return xf.new_tensor(float(x.numel() // x.shape[1])), mean, m2
-
-
-def combine_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
-    """Per-part moments counts [W], means [W, C], M2s [W, C] -> (count 0-d, mean [C], biased var [C]) of the union:
-    the parallel-variance formula (Chan, Golub & LeVeque), M2 = sum M2_w + sum n_w (mean_w - mean)^2,
-    with the mean taken as an offset from part 0's so that it keeps fp32 precision at a large mean."""
-    n = counts.sum()
-    mean = means[0] + (counts[:, None] * (means - means[0])).sum(0) / n                          # [C]
-    m2 = m2s.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)                         # [C]
-    return n, mean, m2 / n
-
-
 class GlobalBatchNorm(Fp32BatchNorm):
     """Fp32BatchNorm whose training statistics are those of the global batch over all ranks (differentiable:
     gradients equal a single-process BN over the concatenated batch). Eval, and one process, are local."""
@@ -74,18 +55,23 @@ class GlobalBatchNorm(Fp32BatchNorm):
     def forward(self, x):
         if not self.training or world_info()[1] == 1:
             return super().forward(x)
-        C = x.shape[1]
+        C, shape = x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))
         xf = x.float()
-        count, mean_r, m2_r = batch_moments(xf)
-        parts = gather_with_grad(torch.cat([count.view(1), mean_r, m2_r])[None])    # [W, 1 + 2C]
-        n, mean, var = combine_moments(parts[:, 0], parts[:, 1:C + 1], parts[:, C + 1:])   # var biased, as BN normalises
+        # two passes over the global batch, each one all-reduce of fixed size (C+1, then C fp32 per layer,
+        # whatever the world size): the global mean, then the sum of squared deviations from it. Exact
+        # to fp32 at any mean offset, unlike E[x^2] - E[x]^2; a gather of per-rank (count, mean, M2)
+        # combined by Chan's formula is one collective, but its bytes grow with the world size.
+        stats = all_reduce_sum_with_grad(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // C])]))   # [C + 1]
+        n = stats[-1]
+        mean = stats[:C] / n                                                                           # [C]
+        var = all_reduce_sum_with_grad((xf - mean.view(shape)).square().sum(dims)) / n   # [C], biased, as BN normalises
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
                 self.num_batches_tracked.add_(1)
-        shape = [1, C] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

@@ -17,8 +17,8 @@ def _hanging_loader(*args, **kwargs):
     loader = _real(*args, **kwargs)
     real_batches = loader.batches
 
-    def batches(start=0):
-        for i, b in enumerate(real_batches(start)):
+    def batches(start=0, state=None):
+        for i, b in enumerate(real_batches(start, state)):
             if int(os.environ["RANK"]) == _rank and start + i == _step:
                 time.sleep(10 ** 6)
             yield b
