@@ -87,6 +87,7 @@ def test_state_at_epoch_end_and_fallbacks_warn(tmp_path, caplog):
         assert not caplog.records
 
 
+@pytest.mark.slow
 def test_cli_resume_over_corrupt_shards_matches_uninterrupted(tmp_path, experiment):
     """`pretrain train` 0 -> 6 with a checkpoint at step 3 (mid-epoch), over shards full of corrupt
     samples and 2 loader workers; a run dir holding only that checkpoint continues with the same losses."""

@@ -91,6 +91,7 @@ def test_equal_values_and_auto_are_ours(tmp_path):
     assert got == {**want, "zero_optimization": {"stage": 2, "overlap_comm": True}}, got
 
 
+@pytest.mark.slow
 def test_cli_contradiction_exits_2_with_one_error_line(tmp_path, digits_shards, experiment):
     p = cli("train", experiment, *train_overrides(digits_shards, tmp_path / "run", train__backend="deepspeed",
                                                   optim__name="adamw"),

@@ -59,6 +59,7 @@ def reused(old_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 1. the rule
+@pytest.mark.slow
 def test_fresh_start_in_a_used_run_dir_is_refused_before_the_model_is_built(reused, digits_shards, experiment,
                                                                             capsys, monkeypatch, tmp_path):
     backend, run_dir = reused
@@ -82,6 +83,7 @@ def test_bad_overwrite_value(tmp_path, digits_shards, experiment, capsys):
     assert "overwrite must be null, archive or delete" in line and "True" in line
 
 
+@pytest.mark.slow
 def test_overwrite_archive_keeps_old_checkpoints_and_prunes_only_the_new_runs(reused, digits_shards, experiment):
     """resume=never overwrite=archive: the old steps 2 and 4 move to checkpoints.old-<UTC time>/; the new
     run keeps its own newest 2 (steps 2, 3: today's pruning kept the old run's later step 4 and deleted
@@ -103,6 +105,7 @@ def test_overwrite_archive_keeps_old_checkpoints_and_prunes_only_the_new_runs(re
     assert _archives(run_dir) == [archive] and tmp_debris(run_dir) == []
 
 
+@pytest.mark.slow
 def test_overwrite_delete(reused, digits_shards, experiment):
     backend, run_dir = reused
     _train(experiment, digits_shards, run_dir, backend, resume="never", overwrite="delete", train__max_steps=1)
@@ -112,6 +115,7 @@ def test_overwrite_delete(reused, digits_shards, experiment):
     assert sorted(tb_scalars(run_dir)) == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old_run", ["ddp"], indirect=True)   # the rule runs before any backend exists
 def test_two_ranks_agree_and_only_rank_0_archives(reused, digits_shards, experiment):
     """Under torchrun every rank refuses with rank 0's error, and with overwrite=archive the old
@@ -130,6 +134,7 @@ def test_two_ranks_agree_and_only_rank_0_archives(reused, digits_shards, experim
 
 
 # ------------------------------------------------------------------------------------------------ 3. step_N exists
+@pytest.mark.slow
 def test_resume_from_an_older_step_of_the_same_run_dir(reused, digits_shards, experiment, capsys):
     """Resuming from step 2 of a dir that holds step 4 would write step 4 over the old one (today:
     DeepSpeed's rename fails with "Directory not empty", DDP overwrites silently) and leave the old
