@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from pretrain.params import Rule, fraction, integer, non_negative, pair
+
 log = logging.getLogger("pretrain.data")
 
 
@@ -66,25 +68,12 @@ AUGMENT_KEYS = tuple(f for f in FIELDS if f != "size")
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def _pair(v, ok) -> bool:
-    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_num(x) for x in v) and v[0] <= v[1] and ok(*v)
-
-
-_PROB = ("a probability in [0, 1]", lambda v: _num(v) and 0 <= v <= 1)
-_STRENGTH = ("a number >= 0", lambda v: _num(v) and v >= 0)
 RULES = {
-    "crop_scale": ("a pair [lo, hi] with 0 < lo <= hi <= 1", lambda v: _pair(v, lambda a, b: 0 < a and b <= 1)),
-    "crop_ratio": ("a pair [lo, hi] with 0 < lo <= hi", lambda v: _pair(v, lambda a, b: 0 < a)),
-    "flip_p": _PROB, "jitter_p": _PROB, "grayscale_p": _PROB, "blur_p": _PROB, "solarize_p": _PROB,
-    "brightness": _STRENGTH, "contrast": _STRENGTH, "saturation": _STRENGTH,
-    "hue": ("a number in [0, 0.5]", lambda v: _num(v) and 0 <= v <= 0.5),
-    "blur_sigma": ("a pair [lo, hi] with 0 < lo <= hi (pixels)", lambda v: _pair(v, lambda a, b: 0 < a)),
-    "blur_kernel_frac": ("a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
-    "size": ("null or an integer >= 1", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)),
+    "crop_scale": pair(0, 1), "crop_ratio": pair(0), "blur_sigma": pair(0, unit=" (pixels)"),
+    **{k: fraction(what="a probability") for k in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")},
+    "brightness": non_negative(), "contrast": non_negative(), "saturation": non_negative(), "hue": fraction(0, 0.5),
+    "blur_kernel_frac": fraction(0, 1, lo_open=True),
+    "size": Rule("null or an integer >= 1", lambda v: v is None or integer(1).ok(v), (0, 1.5)),
 }
 
 
@@ -137,9 +126,7 @@ def resolve_views(declared: Sequence[ViewSpec], augment=None, views=None, image_
             per_view = _known(views[v] if views[v] is not None else {}, f"data.views[{v}]")
             values.update({k: (x, f"data.views[{v}].{k}") for k, x in per_view.items() if x is not None})
         for f, (x, src) in values.items():
-            what, ok = RULES[f]
-            if not ok(x):
-                raise ConfigError(f"{src} must be {what}, got {x!r}")
+            RULES[f].check(src, x)
         out.append(ViewSpec(**{f: x for f, (x, _) in values.items()}))
     sizes = {s.size or image_size for s in out}
     if image_size is not None and sizes != {image_size}:

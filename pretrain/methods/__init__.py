@@ -6,9 +6,9 @@ import inspect
 from omegaconf import OmegaConf
 
 from pretrain.methods.base import Method
-from pretrain.methods.params import validate
 from pretrain.methods.registry import METHODS
 from pretrain.methods import cpc, ddpm, gan, moco_v2, moco_v3, pixelcnn, simclr, vae  # noqa: F401  (registers)
+from pretrain.params import validate
 
 
 def create_method(cfg) -> Method:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
 from pretrain.methods.base import Method
-from pretrain.methods.params import integer, positive
 from pretrain.methods.registry import METHODS
+from pretrain.params import integer, positive
 
 
 class RowCausalConv(nn.Module):

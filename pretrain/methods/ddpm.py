@@ -16,10 +16,10 @@ import torch.nn as nn
 from pretrain.data.views import IDENTITY
 from pretrain.losses.likelihood import discretized_log_prob
 from pretrain.methods.generative import GenerativeMethod, randn
-from pretrain.methods.params import choice, fraction, integer, integers
 from pretrain.methods.registry import METHODS
 from pretrain.models.ema import EMA, momentum_copy
 from pretrain.models.generative import UNet
+from pretrain.params import choice, fraction, integer, integers
 
 
 def betas_for(schedule: str, T: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.methods.generative import GenerativeMethod, randn
-from pretrain.methods.params import choice, fraction, integer, non_negative
 from pretrain.methods.registry import METHODS
 from pretrain.models.ema import EMA, momentum_copy
 from pretrain.models.generative import ConvDecoder, DCGANDiscriminatorTrunk
+from pretrain.params import choice, fraction, integer, non_negative
 
 LOSSES = ("hinge", "non_saturating")
 

@@ -23,9 +23,9 @@ from pretrain.data.views import ViewSpec
 from pretrain.comm import world_info
 from pretrain.losses import queue_info_nce, gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks
 from pretrain.methods.momentum import MomentumMethod
-from pretrain.methods.params import boolean, integer, positive
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
+from pretrain.params import boolean, integer, positive
 
 
 def _split(fn, x: torch.Tensor, groups: int) -> torch.Tensor:

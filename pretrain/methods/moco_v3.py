@@ -19,9 +19,9 @@ import torch.nn as nn
 from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
 from pretrain.methods.momentum import MomentumMethod
-from pretrain.methods.params import boolean, integer, positive
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
+from pretrain.params import boolean, integer, positive
 
 
 #: BYOL's asymmetric augmentation (Grill et al. 2020, table 6), as MoCo v3 uses it (facebookresearch/moco-v3

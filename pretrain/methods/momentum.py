@@ -7,8 +7,8 @@ from typing import Sequence
 import torch.nn as nn
 
 from pretrain.methods.base import Method
-from pretrain.methods.params import choice, fraction
 from pretrain.models.ema import EMA, momentum_copy
+from pretrain.params import choice, fraction
 from pretrain.schedules import cosine
 
 SCHEDULES = ("constant", "cosine")

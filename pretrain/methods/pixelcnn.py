@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from pretrain.losses.likelihood import logistic_mixture_log_prob, to_levels
 from pretrain.methods.generative import GenerativeMethod
-from pretrain.methods.params import choice, integer
 from pretrain.methods.registry import METHODS
 from pretrain.models.generative import GatedPixelCNN
+from pretrain.params import choice, integer
 
 OUTPUTS = ("softmax", "logistic_mixture")
 

@@ -7,9 +7,9 @@ import torch.nn as nn
 from pretrain.data.views import ViewSpec
 from pretrain.losses import nt_xent
 from pretrain.methods.base import Method
-from pretrain.methods.params import boolean, integer, positive
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
+from pretrain.params import boolean, integer, positive
 
 
 #: SimCLR's ImageNet augmentation (Chen et al. 2020, appendix A; google-research/simclr data_util.py):

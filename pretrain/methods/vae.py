@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from pretrain.losses.likelihood import LIKELIHOODS, discretized_log_prob
 from pretrain.methods.generative import GenerativeMethod, randn
-from pretrain.methods.params import choice, integer, non_negative
 from pretrain.methods.registry import METHODS
 from pretrain.models.generative import ConvDecoder
+from pretrain.params import choice, integer, non_negative
 
 
 @METHODS.register("vae")

@@ -1,4 +1,4 @@
-"""Declared rules for method hyper-parameters.
+"""Declared rules for config values: method hyper-parameters and view augmentation parameters.
 
 Each method lists a rule per key of its `defaults` in `checks`:
 
@@ -9,6 +9,7 @@ Each method lists a rule per key of its `defaults` in `checks`:
 is a one-line error naming the key (`method.bound_samples must be an integer >= 1, got 0`). Rules
 that relate two keys (DDPM's sample_steps <= timesteps) stay in the method's constructor. Every
 rule carries examples of values it refuses: the registry-wide test feeds them to every method.
+pretrain.data.views checks `data.augment` / `data.views` with the same rules.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ class Rule:
     ok: Callable[[Any], bool]
     invalid: Tuple[Any, ...]
 
-    def check(self, key: str, value: Any) -> None:
+    def check(self, name: str, value: Any) -> None:
+        """A one-line ConfigError naming the config key `name` (e.g. method.temperature) unless `value` passes."""
         from pretrain.config import ConfigError
 
         if not self.ok(value):
-            raise ConfigError(f"method.{key} must be {self.describe}, got {value!r}")
+            raise ConfigError(f"{name} must be {self.describe}, got {value!r}")
 
 
 def _number(v) -> bool:
@@ -51,12 +53,13 @@ def non_negative() -> Rule:
     return Rule("a number >= 0", lambda v: _number(v) and v >= 0, (-0.1, float("inf"), "x"))
 
 
-def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False, hi_open: bool = False) -> Rule:
-    """A number in [lo, hi] (open at either end when asked)."""
+def fraction(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False, hi_open: bool = False,
+             what: str = "a number") -> Rule:
+    """A number in [lo, hi] (open at either end when asked); `what` names it in the message (a probability)."""
     def ok(v):
         return _number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    return Rule(f"a number in {span}", ok, tuple(x for x in (lo - 0.5, hi + 0.5, "x") + ((lo,) if lo_open else ())
+    return Rule(f"{what} in {span}", ok, tuple(x for x in (lo - 0.5, hi + 0.5, "x") + ((lo,) if lo_open else ())
                                                 + ((hi,) if hi_open else ())))
 
 
@@ -75,6 +78,15 @@ def integers(lo: int = 1) -> Rule:
     return Rule(f"a non-empty list of integers >= {lo}", ok, ([], [lo - 1], 3))
 
 
+def pair(lo: float = 0.0, hi: float = None, unit: str = "") -> Rule:
+    """A pair [a, b] with lo < a <= b (and b <= hi when given): a range to draw from."""
+    def ok(v):
+        return (isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v) and lo < v[0] <= v[1]
+                and (hi is None or v[1] <= hi))
+    return Rule(f"a pair [a, b] with {lo:g} < a <= b" + (f" <= {hi:g}" if hi is not None else "") + unit, ok,
+                ([lo, 1], [2, 1], 0.5) + (([hi / 2, hi + 1],) if hi is not None else ()))
+
+
 def choice(*names: str) -> Rule:
     """One of `names`."""
     return Rule(f"one of {', '.join(names)}", lambda v: v in names, ("bogus", 1))
@@ -90,4 +102,4 @@ def validate(cls, kwargs: Dict[str, Any]) -> None:
     checks = getattr(cls, "checks", {})
     for key, value in kwargs.items():
         if key in checks:
-            checks[key].check(key, value)
+            checks[key].check(f"method.{key}", value)
