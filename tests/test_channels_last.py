@@ -32,6 +32,7 @@ def _conv_weights(state: dict) -> dict:
     return {k: v for k, v in state.items() if v.dim() == 4}
 
 
+@pytest.mark.slow
 def test_nhwc_trains_the_same_model_on_two_ranks(runs):
     want, got = tb_scalars(runs["nchw"]), tb_scalars(runs["nhwc"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -50,6 +51,7 @@ def test_nhwc_trains_the_same_model_on_two_ranks(runs):
         torch.testing.assert_close(nhwc[k], nchw[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_nchw_checkpoint_resumes_as_nhwc(tmp_path, runs, digits_shards, experiment):
     """A run may switch layouts on resume: the step-2 NCHW checkpoint continued with channels_last
     logs the NCHW run's step-3 loss."""

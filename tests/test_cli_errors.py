@@ -110,6 +110,7 @@ def test_batch_not_divisible_by_world_plan():
     assert "multiple of 4" in str(e.value)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_under_torchrun(tmp_path, digits_shards, experiment):
     run_dir = tmp_path / "run"
     p = torchrun("-m", "pretrain.cli", "train", experiment,

@@ -87,6 +87,7 @@ def test_resume_from_step_k_matches_uninterrupted_run(tmp_path, ref_run, experim
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+@pytest.mark.slow
 def test_killed_checkpoint_save_keeps_previous_and_resume_cleans_up(tmp_path, digits_shards, experiment, backend):
     run_dir = tmp_path / "run"
     kv = dict(train__backend="deepspeed", optim__name="adamw", optim__lr=1e-3) if backend == "deepspeed" else {}
@@ -177,6 +178,7 @@ def test_engine_feeds_micro_batches_and_logs_their_mean(tmp_path, digits_shards,
 
 # ------------------------------------------------------------------------------------------------ precision
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.slow
 def test_mixed_precision_runs_on_cpu(tmp_path, digits_shards, experiment, precision):
     # CPU fp16 convolutions are very slow: a batch of 16, 2 steps. 32 px: see SIZE in test_deepspeed.py
     # (a PyTorch CPU bf16 conv-gradient bug on 1x1 feature maps that 16 px inputs would hit)

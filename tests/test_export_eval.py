@@ -52,6 +52,7 @@ def test_export_loads_in_timm_with_same_features(exported):
     assert tmp_debris(out.parent) == []
 
 
+@pytest.mark.slow
 def test_eval_cli_knn_and_linear(exported, digits_shards):
     _, out = exported
     res = {}

@@ -121,6 +121,7 @@ def _ov(shards, run_dir, name, **kv):
 
 @pytest.mark.parametrize("name,tag", [("vae", "train/loss"), ("gan", "train/d/loss"), ("pixelcnn", "train/loss"),
                                       ("ddpm", "train/loss")])
+@pytest.mark.slow
 def test_generative_resume_reproduces_losses(tmp_path, digits_shards, experiment, name, tag):
     ref = tmp_path / "ref"
     ov = _ov(digits_shards, ref, name, train__max_steps=4, checkpoint__every_steps=2, optim__name="adamw",
@@ -156,6 +157,7 @@ def test_sample_grids_in_run_dir_and_tensorboard(ddpm_run):
     assert "samples" in ea.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_sample_cli_is_reproducible(tmp_path, ddpm_run):
     from PIL import Image
 
@@ -178,6 +180,7 @@ def test_sample_cli_errors(tmp_path, ddpm_run, ref_run, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_eval_gen_reports_bits_per_dim_and_frechet(tmp_path, ddpm_run, ref_run, digits_shards):
     feats = tmp_path / "simclr.safetensors"
     cli("export", ref_run[0], "--out", feats, check=True)

@@ -141,6 +141,7 @@ MOCO = dict(method__name="moco_v2", method__queue_size=100, method__momentum=0.5
             method__proj_dim=16)
 
 
+@pytest.mark.slow
 def test_moco_v2_resume_from_step_k_matches_uninterrupted_run(tmp_path, digits_shards, experiment):
     """Queue, pointer and key encoder restored exactly: a run resumed at step 3 logs the same losses
     for steps 4..6 as one that never stopped."""
