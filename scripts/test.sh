@@ -3,7 +3,7 @@
 # start real gloo processes on CPU; tests/test_slurm.py starts a real 2-node SLURM cluster on this
 # machine, which needs root and Debian's slurm packages: installed here when we are root with apt).
 # Two pytest-xdist workers, one test file each at a time: most tests wait on subprocesses, and the
-# whole suite is about 14 minutes that way on 2 cores (about 21 serially). Extra arguments go to
+# whole suite is about 10 minutes that way on 2 cores. Extra arguments go to
 # pytest, e.g. ./scripts/test.sh -m "not slow", or -n 0 to run serially.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
