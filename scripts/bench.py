@@ -187,7 +187,7 @@ def run_ours(shards: Path, out: int, batch: int, workers: int, n_warm: int, n_ti
     it = loader.batches(0)
 
     def check(b):
-        assert b["views"].shape == (2, batch, 3, out, out) and b["views"].dtype == torch.float32
+        assert b["views"][0].shape == (2, batch, 3, out, out) and b["views"][0].dtype == torch.float32
 
     dt, cpu = time_batches(it, n_warm, n_timed, check)
     it.close()   # shuts the workers down
@@ -281,11 +281,11 @@ class BareLoop:
         from pretrain.schedules import scaled_lr
 
         torch.manual_seed(cfg.seed)
-        self.model = create_method(cfg).to(batch["views"].device).train()
+        self.model = create_method(cfg).to(batch["views"][0].device).train()
         self.opt = build_optimizer(self.model.param_groups(cfg.optim.weight_decay), cfg.optim)
         self.peak = scaled_lr(cfg.optim.lr, cfg.train.global_batch_size, cfg.optim.lr_scaling)
         self.warmup, self.total, self.every = cfg.optim.warmup_steps, steps, cfg.log.every_steps
-        self.v1, self.v2 = batch["views"]
+        self.v1, self.v2 = batch["views"][0]
         self.i, self.method = 0, cfg.method.name
         if self.method == "moco_v2":
             m = self.model
@@ -392,7 +392,7 @@ def bench_engine(a) -> int:
     work = Path(a.work_dir) / "engine"
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = {"views": torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g).to(dev),
+    batch = {"views": [torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g).to(dev)],
              "label": torch.zeros(a.batch, dtype=torch.long), "seed": 0, "epoch": 0, "index": 0}
     layout = "channels_last " if a.channels_last else ""
     log(f"[engine] {a.method} resnet18 (proj 512-128), LARS, fp32, {layout}batch {a.batch} x 2 views at {a.image_size}px, "

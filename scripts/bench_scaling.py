@@ -255,7 +255,7 @@ def run_one(a, W, stage, precision):
     if stage in (1, 2):
         watch_reduce_bucket(be.engines["main"].optimizer, reduce_buckets)
     g = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
-    batch = {"views": torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g)}
+    batch = {"views": [torch.randn(2, a.batch, 3, a.image_size, a.image_size, generator=g)]}
     for _ in (1, 2):
         reduce_buckets.clear()
         with CommCounter() as comm:

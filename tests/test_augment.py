@@ -101,9 +101,9 @@ def test_equal_views_draw_like_one_augmenter_over_the_stacked_batch():
     x = torch.randint(0, 256, (2, 5, 3, 16, 16), dtype=torch.uint8)
     one = SimCLRAugment(16, MEAN, STD)
     multi = MultiViewAugment([one, SimCLRAugment(16, MEAN, STD, crop_scale=(0.5, 1.0))])   # geometry differs only
-    assert multi.shared
+    assert multi.shared == [True]
     want = one.photometric(x.flatten(0, 1), torch.Generator().manual_seed(1)).view(x.shape)
-    assert torch.equal(multi.photometric(x, torch.Generator().manual_seed(1)), want)
+    assert torch.equal(multi.photometric([x], torch.Generator().manual_seed(1))[0], want)
 
 
 @pytest.mark.parametrize("where", ["worker", "device"])
@@ -121,7 +121,7 @@ def test_each_view_goes_through_its_own_augmenter(digits_shards, where):
     loader = build_train_loader(cfg, METHODS.get("simclr"), 8, 2, 0, "cpu")
     if where == "device":
         loader.dataset.photometric_in_worker = False     # as on CUDA: uint8 crops, photometric in the main process
-    v0, v1 = next(loader.batches(0))["views"].double()                 # [B, 3, S, S] each
+    v0, v1 = next(loader.batches(0))["views"][0].double()                # [B, 3, S, S] each
     mean, std = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1), torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
     x0 = (v0 * std + mean).numpy()                                       # back to [0, 1]
     want = _ref_normalise(_ref_solarize(x0[..., ::-1]))
@@ -150,7 +150,7 @@ def test_method_views_then_data_augment_then_data_views():
     (["data.augment.flip_p=1.5"], r"data.augment.flip_p must be a probability in \[0, 1\], got 1.5"),
     (["data.views=[{}, {crop_scale: [0.9, 0.1]}]"], r"data.views\[1\].crop_scale must be a pair"),
     (["data.augment.hue=0.7"], r"data.augment.hue must be a number in \[0, 0.5\]"),
-    (["data.views=[{}, {size: 8}]"], r"every view must have data.image_size's side for now"),
+    (["data.views=[{}, {size: 0}]"], r"data.views\[1\].size must be null or an integer >= 1"),
 ])
 def test_bad_view_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

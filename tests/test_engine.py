@@ -293,7 +293,7 @@ def test_ddp_backend_clips_the_global_grad_norm():
     backend = DDPBackend(create_method(cfg), cfg, torch.device("cpu"))
     backend.set_lr(1.0)
     before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
-    batch = {"views": torch.randn(2, 8, 3, 16, 16)}
+    batch = {"views": [torch.randn(2, 8, 3, 16, 16)]}
     backend.backward(backend.forward(batch)["loss"])
     norm = backend.step()
     assert float(norm) > 0.05                  # the raw gradient is larger than the bound...

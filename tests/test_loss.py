@@ -71,7 +71,7 @@ def _close(got, want, rel=1e-4):
 def test_ddp_global_batch_equals_single_process(two_rank_result):
     inputs, res, W = two_rank_result
     method = build_method()
-    loss = method({"views": inputs["views"]})["loss"]
+    loss = method({"views": [inputs["views"]]})["loss"]
     loss.backward()
     assert res["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     grads = dict(method.named_parameters())
@@ -86,7 +86,7 @@ def test_ddp_global_batch_equals_single_process(two_rank_result):
     # the comparison has teeth: per-rank BN statistics (what plain BN under DDP does) give another loss
     per_rank = build_method()
     B = inputs["views"].shape[1] // W
-    local = [per_rank({"views": inputs["views"][:, r * B:(r + 1) * B]})["loss"].item() for r in range(W)]
+    local = [per_rank({"views": [inputs["views"][:, r * B:(r + 1) * B]]})["loss"].item() for r in range(W)]
     assert abs(sum(local) / W - loss.item()) > 1e-3
 
 

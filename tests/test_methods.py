@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pretrain.config import load_config
+from pretrain.data.views import view_groups
 from pretrain.engine.backends import place
 from pretrain.methods import METHODS, create_method
 from pretrain.models import ModelError, create_backbone
@@ -14,13 +15,15 @@ SMALL = ["data.train=unused", "model.name=resnet10t", "data.image_size=16"]
 
 
 def _batch(method, size=16, B=8):
-    """A fixed batch: Gaussian views, or for generative methods pixels on the 8-bit grid in [-1, 1]."""
+    """A fixed batch of the views the method declares (one tensor per view size, as the pipeline
+    delivers them): Gaussian, or for generative methods pixels on the 8-bit grid in [-1, 1]."""
     torch.manual_seed(0)
-    shape = (method.num_views, B, 3, size, size)
-    if hasattr(method, "sample"):
-        views = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)) / 127.5 - 1
-    else:
-        views = torch.randn(shape)
+    g = torch.Generator().manual_seed(0)
+    views = []
+    for side, idx in view_groups(method.views, size):
+        shape = (len(idx), B, 3, side, side)
+        views.append(torch.randint(0, 256, shape, generator=g) / 127.5 - 1 if hasattr(method, "sample")
+                     else torch.randn(shape, generator=g))
     return {"views": views, "label": torch.zeros(B, dtype=torch.long)}
 
 
@@ -44,6 +47,7 @@ def test_registered_method_trains_and_exports(name):
         losses = []
         for _ in range(4):   # the same batch a few times: the loss must go down
             torch.manual_seed(1)
+            method.before_step(0, 10, 5)
             loss = method(batch, phase)["loss"]
             assert torch.isfinite(loss)
             opt.zero_grad()

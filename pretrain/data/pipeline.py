@@ -228,7 +228,8 @@ class ResampledBatches(IterableDataset):
     Set `epoch`, `start` (micro-batch index within the epoch to begin at) and `consumed` (per logical
     worker, how many samples of its stream the batches before `start` read; None: none) before
     iterating. Batch b is made by logical worker b % W from its own stream. Each batch:
-    {"views": [V, B, 3, S, S] (uint8, or float if `photometric_in_worker`), "label": [B], "seed": int,
+    {"views": per view size, [V_g, B, 3, S_g, S_g] (uint8, or float if `photometric_in_worker`; views.view_groups),
+    "label": [B], "seed": int,
     "epoch": int, "index": int, "consumed": int (samples of the worker's stream read so far),
     "skipped": int, "unreadable": [[url, reason], ...] (shards this worker found unreadable since its last batch)}.
     """
@@ -298,7 +299,7 @@ class ResampledBatches(IterableDataset):
                 for v, crop in zip(views, self.augment.geometric(img, g)):   # view v: augmenter v
                     v.append(crop)
                 labels.append(label)
-            x = torch.stack([torch.stack(v) for v in views])              # [V, B, 3, S, S] uint8
+            x = self.augment.stack(views)                                  # per size: [V_g, B, 3, S_g, S_g] uint8
             if self.photometric_in_worker:
                 x = self.augment.photometric(x, g)
             yield {"views": x, "label": torch.tensor(labels), "seed": bseed, "epoch": self.epoch, "index": b,
@@ -367,7 +368,7 @@ class TrainLoader:
                                 prefetch_factor=4 if self.num_workers else None)
             for batch in loader:
                 self._account(batch, epoch * n)
-                views = batch["views"].to(self.device, non_blocking=True)
+                views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
                 if not ds.photometric_in_worker:   # GPU-side augmentation, same seed as on a worker
                     g = torch.Generator(self.device).manual_seed(batch["seed"])
                     views = ds.augment.photometric(views, g)

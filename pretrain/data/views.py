@@ -9,9 +9,12 @@ The config overrides them in two layers, later winning:
 
 `view_augmenters(cfg, views)` resolves them and builds one augmenter per view (`MultiViewAugment`);
 the data pipeline applies view v's augmenter to view v: the geometric stage per image in the loader
-workers, the photometric stage per batch (worker or device). Multi-crop (views of different sizes, or
-many local crops) extends the same list: `size` is there for it, and all views must have the same size
-until the pipeline batches views of different sizes.
+workers, the photometric stage per batch (worker or device). Multi-crop is the same list with views of
+other sizes (`multi_crop`: SwAV's and DINO's 2 global + N local crops). Views of one size are declared
+next to each other, and the pipeline delivers them as one tensor per size (`view_groups`), so a method
+runs its backbone once per resolution:
+
+    batch["views"] = [group_0, group_1, ...]     group g: [V_g, B, 3, S_g, S_g], views in declared order
 """
 from __future__ import annotations
 
@@ -63,8 +66,27 @@ class ViewSpec:
 IDENTITY = ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                     blur_p=0.0)
 FIELDS = tuple(f.name for f in dataclasses.fields(ViewSpec))
-#: the keys of data.augment (every field but the view size, which is data.image_size for now)
+#: the keys of data.augment (every field but the view size: set it per view in data.views)
 AUGMENT_KEYS = tuple(f for f in FIELDS if f != "size")
+
+
+def multi_crop(global_view: ViewSpec, local_view: ViewSpec, num_global: int = 2, num_local: int = 6,
+               local_size: int = 96) -> Tuple[ViewSpec, ...]:
+    """Multi-crop views (Caron et al. 2020): `num_global` crops at data.image_size, then `num_local` crops
+    of side `local_size` pixels (SwAV/DINO: 2 x 224 + 6..10 x 96)."""
+    return (global_view.replace(size=None),) * num_global + (local_view.replace(size=local_size),) * num_local
+
+
+def view_groups(specs: Sequence[ViewSpec], image_size: Optional[int] = None) -> List[Tuple[int, List[int]]]:
+    """[(side, [view indices])] per run of equal-sized views, in declared order: the tensors of batch["views"]."""
+    groups: List[Tuple[int, List[int]]] = []
+    for v, s in enumerate(specs):
+        side = s.size or image_size
+        if groups and groups[-1][0] == side:
+            groups[-1][1].append(v)
+        else:
+            groups.append((side, [v]))
+    return groups
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -128,39 +150,48 @@ def resolve_views(declared: Sequence[ViewSpec], augment=None, views=None, image_
         for f, (x, src) in values.items():
             RULES[f].check(src, x)
         out.append(ViewSpec(**{f: x for f, (x, _) in values.items()}))
-    sizes = {s.size or image_size for s in out}
-    if image_size is not None and sizes != {image_size}:
-        raise ConfigError(f"views of side {sorted(sizes, key=str)} but data.image_size={image_size}: every view must "
-                          f"have data.image_size's side for now (views of other sizes arrive with multi-crop); "
-                          f"drop 'size' from data.views")
+    sides = [side for side, _ in view_groups(out, image_size)]
+    if len(sides) != len(set(sides)):
+        raise ConfigError(f"views of side {[s.size or image_size for s in out]}: views of one size must come one after "
+                          f"another (the pipeline batches each size as one tensor); reorder the 'size' entries of data.views")
     return out
 
 
 class MultiViewAugment:
-    """One augmenter per view: view v of every sample goes through `augs[v]`.
+    """One augmenter per view: view v of every sample goes through `augs[v]`; views of one size form a
+    group (`view_groups`), delivered as one tensor.
 
-    Views that share their photometric settings go through the photometric stage as one batch (one
-    set of draws from the generator, in view-major order), which is what a single augmenter for all
-    views did before views were declared; otherwise each view's batch goes through its own augmenter,
-    view 0 first, drawing from the same generator.
+    Within a group, views that share their photometric settings go through the photometric stage as one
+    batch (one set of draws from the generator, in view-major order), which is what a single augmenter
+    for all views did before views were declared; otherwise each view's batch goes through its own
+    augmenter. Groups, and views within a group, draw from the same generator in declared order.
     """
 
     def __init__(self, augs: Sequence):
         self.augs = list(augs)
-        self.shared = len({a.photometric_key() for a in self.augs}) == 1
+        self.groups = [idx for _, idx in view_groups([a.spec.replace(size=a.size) for a in self.augs])]
+        self.shared = [len({self.augs[v].photometric_key() for v in idx}) == 1 for idx in self.groups]
 
     def __len__(self) -> int:
         return len(self.augs)
 
     def geometric(self, img: torch.Tensor, g: torch.Generator) -> List[torch.Tensor]:
-        """[3, h, w] uint8 -> one [3, S, S] uint8 crop per view, in view order."""
+        """[3, h, w] uint8 -> one [3, S_v, S_v] uint8 crop per view, in view order."""
         return [a.geometric(img, g) for a in self.augs]
 
-    def photometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """[V, B, 3, S, S] uint8 -> [V, B, 3, S, S] float32, view v through augs[v]."""
-        if self.shared:
-            return self.augs[0].photometric(x.flatten(0, 1), g).view(x.shape)
-        return torch.stack([a.photometric(xv, g) for a, xv in zip(self.augs, x)])
+    def stack(self, crops: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+        """Per view, its B crops -> per group, [V_g, B, 3, S_g, S_g] uint8."""
+        return [torch.stack([torch.stack(crops[v]) for v in idx]) for idx in self.groups]
+
+    def photometric(self, groups: Sequence[torch.Tensor], g: torch.Generator) -> List[torch.Tensor]:
+        """Per group, [V_g, B, 3, S_g, S_g] uint8 -> float32 of that shape, view v through augs[v]."""
+        out = []
+        for idx, shared, x in zip(self.groups, self.shared, groups):
+            if shared:
+                out.append(self.augs[idx[0]].photometric(x.flatten(0, 1), g).view(x.shape))
+            else:
+                out.append(torch.stack([self.augs[v].photometric(xv, g) for v, xv in zip(idx, x)]))
+        return out
 
 
 def view_augmenters(cfg, declared: Sequence[ViewSpec], owner: str = "method") -> MultiViewAugment:
@@ -175,7 +206,7 @@ def view_augmenters(cfg, declared: Sequence[ViewSpec], owner: str = "method") ->
 def describe(specs: Sequence[ViewSpec]) -> str:
     """The views' augmentation in one line, for the run log."""
     def one(s):
-        return ", ".join(f"{f}={getattr(s, f)}" for f in AUGMENT_KEYS)
+        return ", ".join(f"{f}={getattr(s, f)}" for f in (FIELDS if s.size else AUGMENT_KEYS))
     if len(set(specs)) == 1:
         return f"{len(specs)} view(s), each: {one(specs[0])}"
     return "; ".join(f"view {v}: {one(s)}" for v, s in enumerate(specs))

@@ -1,7 +1,7 @@
 """Training backends: the one place that knows whether DDP or DeepSpeed runs the model.
 
 The loop only calls: `phase(name)`, `accumulate(last)`, `forward(batch, phase)`, `backward(loss)`,
-`step(phase, need_norm)`, `set_lr()`, `save(path, client_state)` and `load(path)`. `module` is the bare
+`step(phase, need_norm)`, `set_lr(lr, peak)`, `save(path, client_state)` and `load(path)`. `module` is the bare
 method for hooks and eval.
 
 Methods with several optimizer phases per step (a GAN's D and G steps, `Method.phases`) get one
@@ -38,6 +38,25 @@ def _precision(cfg):
     if cfg.train.precision not in DTYPES:
         raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
     return DTYPES[cfg.train.precision]
+
+
+def group_lr(group: dict, lr: float, peak: float) -> float:
+    """A parameter group's LR when the schedule says `lr` (peak: `peak`): its `fixed_lr` keeps the peak,
+    its `lr_scale` scales either (Method.param_groups)."""
+    return (peak if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
+
+
+def set_group_lrs(optimizers, lr: float, peak: float) -> None:
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = group_lr(g, lr, peak)
+
+
+def _cast(x, dtype):
+    """Floating tensors (also inside lists: batch["views"]) to `dtype`; anything else unchanged."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
 
 
 def place(method, cfg, device):
@@ -146,10 +165,8 @@ class DDPBackend(_Phases):
                 dist.broadcast(b, 0)
         return norm
 
-    def set_lr(self, lr: float):
-        for opt in self.optimizers.values():
-            for g in opt.param_groups:
-                g["lr"] = lr
+    def set_lr(self, lr: float, peak: Optional[float] = None):
+        set_group_lrs(self.optimizers.values(), lr, lr if peak is None else peak)
 
     def eval_module(self):
         """The method to run evaluation forwards on, outside the training wrapper."""
@@ -301,7 +318,7 @@ class DeepSpeedBackend(_Phases):
 
     def forward(self, batch, phase: str = "main"):
         if self.dtype is not None and not self.module.casts_inputs:   # bf16/fp16 weights: feed matching inputs
-            batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+            batch = {k: _cast(v, self.dtype) for k, v in batch.items()}
         return self.model(batch) if self.single else self.module(batch, phase)
 
     def backward(self, loss):
@@ -313,10 +330,8 @@ class DeepSpeedBackend(_Phases):
         norm = self.engines[phase].get_global_grad_norm()   # DeepSpeed computes it anyway
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 
-    def set_lr(self, lr: float):
-        for engine in self.engines.values():
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr
+    def set_lr(self, lr: float, peak: Optional[float] = None):
+        set_group_lrs([e.optimizer for e in self.engines.values()], lr, lr if peak is None else peak)
 
     def _stage3(self) -> bool:
         return self.config["zero_optimization"].get("stage", 0) == 3

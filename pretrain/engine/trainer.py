@@ -1,7 +1,7 @@
 """The training loop, one for every method and backend. Read it top to bottom:
 
-    setup -> resume -> for each step: schedule -> for each optimizer phase (one for most methods;
-          D then G for a GAN): forward -> backward (x grad_accum) -> clip+step
+    setup -> resume -> for each step: schedule (LR, method.before_step) -> for each optimizer phase
+          (one for most methods; D then G for a GAN): forward -> backward (x grad_accum) -> clip+step
           -> after-step hook (EMA etc.) -> log -> samples / kNN monitor -> checkpoint
           (-> on a preemption signal: checkpoint, requeue, stop)
 
@@ -102,7 +102,7 @@ def sample_grid(backend, cfg, logger, run_dir: Path, step: int, is_main: bool) -
 def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     """Run (or resume) the training that `cfg` describes; returns final metrics.
 
-    `data`: an iterator of micro-batches ({"views": [V, B, 3, S, S] float on the device, ...}) to
+    `data`: an iterator of micro-batches ({"views": [[V_g, B, 3, S_g, S_g] per view size] float on the device, ...}) to
     train on instead of the loader that `cfg.data` describes, e.g. a fixed in-memory batch to time
     the engine alone (scripts/bench.py). Positioning it on resume is then the caller's business.
     """
@@ -162,7 +162,8 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
     for step in range(start, p["total"]):
         watch.mark(step, "step")
         lr = warmup_cosine(step, p["total"], p["lr"], p["warmup"], cfg.optim.min_lr)
-        backend.set_lr(lr)
+        backend.set_lr(lr, p["lr"])
+        method.before_step(step, p["total"], p["steps_per_epoch"])
         done = step + 1
         log_now = done % cfg.log.every_steps == 0 or done == p["total"]
         micro, step_losses, norms = [], {}, {}

@@ -1,14 +1,19 @@
 """Methods, found by name through `METHODS`. Importing this package registers them all."""
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 
 from omegaconf import OmegaConf
 
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
-from pretrain.methods import cpc, ddpm, gan, moco_v2, moco_v3, pixelcnn, simclr, vae  # noqa: F401  (registers)
 from pretrain.params import validate
+
+# every module of this package is imported, which registers its methods: a new method is one new file
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
 
 def create_method(cfg) -> Method:

@@ -3,6 +3,10 @@
 A method is an nn.Module that owns a backbone plus whatever heads it needs, and returns a dict of
 losses from `training_step(batch)`; the engine backpropagates `losses["loss"]` and logs the rest.
 `forward` is `training_step`, so DDP and DeepSpeed wrappers see the whole method.
+
+batch["views"] holds the views the method declares (`views`), one tensor per view size, in declared
+order: [V_g, B, 3, S_g, S_g] each (pretrain/data/views.py). A two-view method of one size unpacks
+`v1, v2 = batch["views"][0]`; a multi-crop method runs its backbone once per tensor.
 """
 from __future__ import annotations
 
@@ -14,6 +18,11 @@ import torch.nn as nn
 
 from pretrain.data.views import ViewSpec
 from pretrain.models.ema import EMA
+
+
+def split_views(batch) -> List[torch.Tensor]:
+    """Every view of batch["views"], [B, 3, S_v, S_v] each, in the order the method declares them."""
+    return [v for group in batch["views"] for v in group]
 
 
 def no_weight_decay_names(module: nn.Module) -> Set[str]:
@@ -48,6 +57,9 @@ class Method(nn.Module):
     #: UNet): DeepSpeed's bf16/fp16 backend then hands it the batch as loaded, unrounded, instead of
     #: casting it to the weights' dtype
     casts_inputs: bool = False
+    #: True when W ranks at local batch B give the loss and every parameter gradient of one process at
+    #: batch W*B (global BN, cross-rank gathers/sums): tests/test_rank_equivalence.py proves it for each
+    cross_rank_exact: bool = False
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -70,7 +82,11 @@ class Method(nn.Module):
         return image_size
 
     def param_groups(self, weight_decay: float, phase: str = "main") -> List[dict]:
-        """Weight decay on weights; none on biases, norm parameters (any 1-D tensor) and what any
+        """Groups of parameters for `phase`'s optimizer. Besides torch's keys a group may carry
+        `lars_exclude` (no LARS adaptation), `lr_scale` (its LR is the scheduled LR times this; Barlow
+        Twins' biases) and `fixed_lr` (it keeps the peak LR throughout; SimSiam's predictor).
+
+        Here: weight decay on weights; none on biases, norm parameters (any 1-D tensor) and what any
         submodule lists in its `no_weight_decay()` (timm's ViT: pos_embed, cls_token), as timm's
         param_groups_weight_decay decides. Not timm's function itself: it puts every parameter in
         its no-decay group when weight_decay is 0, and that group is also LARS's exclusion group."""
@@ -84,6 +100,10 @@ class Method(nn.Module):
             (no_decay if plain else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+    def before_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once per optimizer step, before its first forward (also right after a resume):
+        step-dependent settings go here (SwAV's prototype freeze, its queue's start)."""
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called once per optimizer step (not per micro-batch): EMA/momentum updates go here."""

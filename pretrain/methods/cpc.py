@@ -97,7 +97,7 @@ class CPC(Method):
         return self.encode_patches(images).mean((2, 3))
 
     def training_step(self, batch):
-        x = batch["views"][0]                                             # [B, 3, S, S]
+        x = batch["views"][0][0]                                          # [B, 3, S, S]
         z = self.encode_patches(x)                                        # [B, D, G, G]
         c = self.context(z)                                               # [B, C, G, G], row-causal
         G, out = z.shape[2], {}

@@ -106,7 +106,7 @@ class DDPM(GenerativeMethod):
     def training_step(self, batch):
         # Schedule arithmetic and noising in fp32 whatever the engine dtype; the UNet casts its inputs
         # (x_t, the timestep embedding) to its weights' dtype.
-        x0 = batch["views"][0].float()                                           # [B, 3, S, S] in [-1, 1]
+        x0 = batch["views"][0][0].float()                                        # [B, 3, S, S] in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)          # index t = step t+1
         eps = torch.randn_like(x0)
         abar = self._a("abar", t, x0)

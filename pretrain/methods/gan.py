@@ -52,7 +52,7 @@ class GAN(GenerativeMethod):
         return self.d_head(self.backbone(x)).float().squeeze(1)                 # [B] scores
 
     def training_step(self, batch, phase="d"):
-        real = batch["views"][0]                                                  # [B, 3, S, S] in [-1, 1]
+        real = batch["views"][0][0]                                               # [B, 3, S, S] in [-1, 1]
         z = torch.randn(real.shape[0], self.latent_dim, device=real.device, dtype=real.dtype)
         if phase == "g":
             s = self.discriminate(self.generator(z))

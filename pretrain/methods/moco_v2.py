@@ -110,7 +110,7 @@ class MoCoV2(MomentumMethod):
         self.queue_ptr = int((self.queue_ptr + keys.shape[0]) % K)
 
     def training_step(self, batch):
-        v1, v2 = batch["views"]                               # each [B, 3, H, W]
+        v1, v2 = batch["views"][0]                            # each [B, 3, H, W]
         if self.queue.device != v1.device:
             self.queue = self.queue.to(v1.device)
         q = F.normalize(_split(self._query, v1, self._groups()).float(), dim=1)   # [B, D]

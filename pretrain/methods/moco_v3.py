@@ -16,21 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pretrain.data.views import ViewSpec
 from pretrain.losses import info_nce
+from pretrain.methods.byol import VIEW_1, VIEW_2   # BYOL's asymmetric pair (crop 0.08-1, blur 1.0 / 0.1, solarize 0 / 0.2)
 from pretrain.methods.momentum import MomentumMethod
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
 from pretrain.params import boolean, integer, positive
-
-
-#: BYOL's asymmetric augmentation (Grill et al. 2020, table 6), as MoCo v3 uses it (facebookresearch/moco-v3
-#: main_moco.py): crop 8-100% (--crop-min 0.08; the official ResNet-50 runs use 0.2), colour jitter
-#: (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, flip; blur p 1.0 / 0.1, solarization p 0 / 0.2.
-VIEW_1 = ViewSpec(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4,
-                  contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2, blur_p=1.0, blur_sigma=(0.1, 2.0),
-                  blur_kernel_frac=0.1, solarize_p=0.0)
-VIEW_2 = VIEW_1.replace(blur_p=0.1, solarize_p=0.2)
 
 
 def freeze_patch_projection(backbone: nn.Module, model_hint: str = "the backbone") -> None:
@@ -78,7 +69,7 @@ class MoCoV3(MomentumMethod):
         return info_nce(q, k, self.temperature, grad_through_keys=False) * 2 * self.temperature
 
     def training_step(self, batch):
-        v1, v2 = batch["views"]                                         # each [B, 3, H, W]
+        v1, v2 = batch["views"][0]                                      # each [B, 3, H, W]
         # one forward per view and encoder: BN statistics per view, as the official code
         q1, q2 = (self.predictor(self.projector(self.backbone(v))) for v in (v1, v2))   # [B, D] each
         with torch.no_grad():

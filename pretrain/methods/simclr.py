@@ -40,7 +40,7 @@ class SimCLR(Method):
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers)
 
     def training_step(self, batch):
-        v1, v2 = batch["views"]                     # each [B, 3, H, W]
+        v1, v2 = batch["views"][0]                  # each [B, 3, H, W]
         B = v1.shape[0]
         # One backbone pass over both views: BN sees 2B samples, as in the reference code.
         z = self.projector(self.backbone(torch.cat([v1, v2], 0)))   # [2B, proj_dim]

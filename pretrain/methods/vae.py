@@ -41,7 +41,7 @@ class VAE(GenerativeMethod):
         return nll, kl
 
     def training_step(self, batch):
-        x = batch["views"][0]                                                           # [B, 3, S, S] in [-1, 1]
+        x = batch["views"][0][0]                                                        # [B, 3, S, S] in [-1, 1]
         D = x[0].numel()
         nll, kl = self._terms(x, torch.randn(x.shape[0], self.latent_dim, device=x.device))
         return {"loss": (nll + self.beta * kl).mean() / D, "recon_nats_per_dim": nll.mean().detach() / D,

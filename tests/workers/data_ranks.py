@@ -25,7 +25,7 @@ count, indices = 0, []
 for batch in loader.batches(0):
     if batch["epoch"] != 0:
         break
-    x = batch["views"].mean().reshape(1)
+    x = batch["views"][0].mean().reshape(1)
     dist.all_reduce(x)            # a rank that runs dry first would leave the other one hanging here
     count += 1
     indices.append(int(batch["index"]))

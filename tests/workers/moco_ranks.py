@@ -38,7 +38,7 @@ g = torch.Generator().manual_seed(rank)
 keys = []
 for step in range(STEPS):
     views = torch.randn(2, B, 3, 16, 16, generator=g)
-    loss = ddp({"views": views})["loss"]
+    loss = ddp({"views": [views]})["loss"]
     loss.backward()
     opt.step()
     opt.zero_grad()

@@ -30,7 +30,7 @@ result = {}
 method = convert_sync_bn(build_method(), torch.device("cpu"))
 assert any(isinstance(m, GlobalBatchNorm) for m in method.modules())
 ddp = DistributedDataParallel(method)
-loss = ddp({"views": inputs["views"][:, sl]})["loss"]
+loss = ddp({"views": [inputs["views"][:, sl]]})["loss"]
 loss.backward()
 result["loss"] = comm.all_reduce_mean(loss.detach())
 result["grads"] = {n: p.grad.clone() for n, p in method.named_parameters()}
