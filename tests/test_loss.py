@@ -164,3 +164,17 @@ def test_fp32_batch_norm_matches_batch_norm_and_takes_half_precision_weights():
         bad = torch.nn.BatchNorm2d(4)
         bad.weight.data, bad.bias.data = bad.weight.data.bfloat16(), bad.bias.data.bfloat16()
         bad(x.bfloat16())
+
+
+def test_global_bn_conversion_keeps_frozen_parameters_frozen():
+    """A momentum encoder's BN (requires_grad=False) stays frozen when converted to global BN: otherwise its
+    parameters reach the optimizer and DDP waits for gradients they never get (MoCo v3 / BYOL at W > 1)."""
+    from pretrain.models import convert_sync_bn
+
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    live = torch.nn.BatchNorm1d(3)
+    model = convert_sync_bn(torch.nn.ModuleDict({"key": frozen, "online": live}), torch.device("cpu"))
+    assert not any(p.requires_grad for p in model["key"].parameters())
+    assert all(p.requires_grad for p in model["online"].parameters())

@@ -42,6 +42,8 @@ def convert_to_fp32_bn(module: nn.Module) -> nn.Module:
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         new = Fp32BatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        for p, q in zip(new.parameters(), module.parameters()):   # a momentum encoder's BN stays frozen
+            p.requires_grad_(q.requires_grad)
         return new.to(module.weight.device if module.weight is not None else "cpu")
     for name, child in module.named_children():
         setattr(module, name, convert_to_fp32_bn(child))
@@ -83,6 +85,8 @@ def convert_to_global_bn(module: nn.Module) -> nn.Module:
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        for p, q in zip(new.parameters(), module.parameters()):   # a momentum encoder's BN stays frozen
+            p.requires_grad_(q.requires_grad)
         return new
     for name, child in module.named_children():
         setattr(module, name, convert_to_global_bn(child))
