@@ -37,6 +37,7 @@ def freeze_patch_projection(backbone: nn.Module, model_hint: str = "the backbone
 @METHODS.register("moco_v3")
 class MoCoV3(MomentumMethod):
     views = (VIEW_1, VIEW_2)
+    cross_rank_exact = True   # global BN and negatives from every rank: tests/test_rank_equivalence.py
     defaults = {
         "temperature": 0.2,
         "proj_hidden_dim": 4096,

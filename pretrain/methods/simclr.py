@@ -23,6 +23,7 @@ VIEW = ViewSpec(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, j
 @METHODS.register("simclr")
 class SimCLR(Method):
     views = (VIEW, VIEW)
+    cross_rank_exact = True   # global BN and negatives from every rank: tests/test_rank_equivalence.py
     defaults = {
         "temperature": 0.2,
         "proj_hidden_dim": 2048,
