@@ -14,8 +14,12 @@ import sys
 import pytest
 import torch
 
-from helpers import WORKERS, torchrun
+from safetensors.torch import load_file
+
+from helpers import WORKERS, cli, tb_scalars, torchrun
+from pretrain.engine.checkpoint import find_checkpoint
 from pretrain.methods import METHODS
+from pretrain.methods.momentum import MomentumMethod
 
 sys.path.insert(0, str(WORKERS))
 from rank_common import build, config_path, inputs  # noqa: E402
@@ -78,3 +82,45 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(ranks, name):
     # the comparison has teeth: per-rank BN statistics give another loss, where the method has BN
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules()):
         assert abs(got["plain_loss"].item() - loss.item()) > 1e-4 * max(1.0, abs(loss.item()))
+
+
+# ------------------------------------------------------------------------------------------------ EMA targets, ZeRO-3
+#: every momentum-encoder method but MoCo v2 (tests/test_deepspeed.py proves its key encoder; its queue
+#: and shuffle BN make its runs per rank)
+MOMENTUM = [n for n in EXACT if issubclass(METHODS.get(n), MomentumMethod)]
+
+
+def _train(tmp_path_factory, shards, name, backend):
+    run_dir = tmp_path_factory.mktemp(f"ema_{name}_{backend}") / "run"
+    ov = {"data.train": f"{shards}/train", "data.val": "null", "run_dir": run_dir, "model.name": "resnet10t",
+          "data.image_size": 16, "train.global_batch_size": 16, "train.max_steps": 3, "data.num_workers": 0,
+          "data.shuffle_buffer": 64, "log.every_steps": 1, "log.progress": "false", "train.channels_last": "false",
+          "optim.name": "sgd", "optim.warmup_steps": 1, "method.momentum": 0.5, "method.momentum_schedule": "constant",
+          "train.backend": "deepspeed" if backend == "zero3" else "ddp", "deepspeed.zero_stage": 3}
+    torchrun("-m", "pretrain.cli", "train", config_path(name), *[f"{k}={v}" for k, v in ov.items()], timeout=600,
+             check=True)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", MOMENTUM)
+def test_ema_target_under_zero3_equals_ddp(tmp_path_factory, tmp_path, digits_shards, name):
+    """The EMA target is partitioned like the online network and updated slice by slice on each rank:
+    after 3 steps from the same start (m = 0.5, so it moves), its weights exported with --which key equal
+    the DDP run's, and so do the losses at every step."""
+    ddp, z3 = (_train(tmp_path_factory, digits_shards, name, b) for b in ("ddp", "zero3"))
+    want, got = tb_scalars(ddp), tb_scalars(z3)
+    assert sorted(got) == [1, 2, 3] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in got), (got, want)
+    ref = torch.load(find_checkpoint(ddp), map_location="cpu", weights_only=True)["model"]
+    out = tmp_path / "key.safetensors"
+    cli("export", z3, "--out", out, "--which", "key", check=True)
+    exported = load_file(str(out))
+    key = {k[len("key_backbone."):]: v for k, v in ref.items() if k.startswith("key_backbone.")}
+    assert set(exported) == set(key)
+    for k in exported:
+        torch.testing.assert_close(exported[k], key[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the target did move, and is not the online network
+    moved = [k for k, v in key.items() if "running" not in k and v.is_floating_point()
+             and not torch.equal(v, ref["backbone." + k])]
+    assert moved
