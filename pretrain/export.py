@@ -78,6 +78,9 @@ def export(path, out, which: str = "default") -> Path:
     `out` with .json (timm name, kwargs, input size, mean/std). Loads with
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=K)`."""
     method, cfg, step = load_method(path)
+    if method.backbone is not None and not method.timm_backbone:
+        raise ValueError(f"{cfg.method.name} trained no timm backbone (method.discriminator={cfg.method.get('discriminator')}): "
+                         f"there is nothing `pretrain export` can write for timm; train with method.discriminator=timm")
     backbone = method.export_backbone(which)
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
     size = cfg.data.image_size

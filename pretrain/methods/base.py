@@ -60,6 +60,8 @@ class Method(nn.Module):
     #: True when W ranks at local batch B give the loss and every parameter gradient of one process at
     #: batch W*B (global BN, cross-rank gathers/sums): tests/test_rank_equivalence.py proves it for each
     cross_rank_exact: bool = False
+    #: False when `export_backbone()` is not a timm model (a GAN's DCGAN trunk): `pretrain export` refuses it
+    timm_backbone: bool = True
 
     def __init__(self, backbone: nn.Module):
         super().__init__()

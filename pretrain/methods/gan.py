@@ -7,7 +7,8 @@ hinge:          l_real = relu(1 - s), l_fake = relu(1 + s), l_gen = -s
 non_saturating: l_real = softplus(-s), l_fake = softplus(s), l_gen = softplus(-s)
 
 The discriminator's trunk is the timm backbone (`discriminator: timm`) or a DCGAN conv net
-(`discriminator: dcgan`); either way it is `self.backbone`, the one `pretrain export` writes.
+(`discriminator: dcgan`); either way it is `self.backbone`, whose features the kNN monitor reads. Only
+the timm trunk can be exported (`pretrain export` writes timm models).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class GAN(GenerativeMethod):
                  ema_decay=0.999, image_size=32):
         super().__init__(backbone, image_size)
         self.latent_dim, self.loss, self.r1, self.ema_decay = latent_dim, loss, r1, ema_decay
+        self.timm_backbone = discriminator == "timm"   # a DCGAN trunk is no timm model: `pretrain export` refuses it
         if discriminator == "dcgan":
             self.backbone = DCGANDiscriminatorTrunk(image_size, width)
         self.d_head = nn.Linear(self.backbone.num_features, 1)

@@ -1,0 +1,37 @@
+"""For each shipped digits config in argv: train 2 steps, run again to 3 (an auto-resume from step 2),
+and export the backbone to timm safetensors when the method trains one -- all through the CLI's own
+entry point, in one process (one interpreter start for every config). Writes a JSON report per config.
+
+argv: SHARDS OUT_DIR CONFIG [CONFIG ...]
+"""
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from pretrain.cli import main
+from pretrain.methods import METHODS
+from pretrain.config import load_config
+
+shards, out = Path(sys.argv[1]), Path(sys.argv[2])
+report = {}
+for config in sys.argv[3:]:
+    name = Path(config).stem
+    run = out / name
+    method = load_config(config, ["data.train=x"]).method.name
+    generative = hasattr(METHODS.get(method), "sample")
+    ov = [f"data.train={shards}/train", "data.val=null", f"run_dir={run}", "train.global_batch_size=16",
+          "data.samples_per_epoch=160", "data.num_workers=0", "data.shuffle_buffer=64", "log.every_steps=1",
+          "log.progress=false", "checkpoint.every_steps=1", "eval.knn_every_steps=0", "log.sample_every_steps=0"]
+    if not generative:
+        ov.append("model.name=resnet10t")
+    r = {"method": method}
+    try:
+        r["rc"] = [main(["train", config, *ov, "train.max_steps=2"]), main(["train", config, *ov, "train.max_steps=3"])]
+        r["log"] = (run / "log.txt").read_text()
+        r["export_rc"] = main(["export", str(run), "--out", str(run / "backbone.safetensors")])
+        r["exported"] = str(run / "backbone.safetensors")
+    except BaseException:   # noqa: BLE001  (recorded for the test to show)
+        r["error"] = traceback.format_exc()
+    report[name] = r
+(out / "report.json").write_text(json.dumps(report))
