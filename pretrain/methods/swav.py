@@ -179,7 +179,8 @@ class SwAV(Method):
         """super()'s groups without the prototypes, which get their own: no weight decay (it would only rescale
         a forward-normalised weight), LARS adaptation kept (the official LARC adapts them)."""
         proto = self.prototypes.weight
-        groups = [{**g, "params": [p for p in g["params"] if p is not proto]} for g in super().param_groups(weight_decay, phase)]
+        groups = [{**g, "params": [p for p in g["params"] if p is not proto]}
+                  for g in super().param_groups(weight_decay, phase)]
         return groups + [{"params": [proto], "weight_decay": 0.0, "lars_exclude": False}]
 
     # ---- forward -------------------------------------------------------------------------------
