@@ -13,8 +13,11 @@ from pretrain.methods import METHODS, create_method
 GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
 #: keys where zero is meaningful: a momentum/EMA decay of 0 copies the online network, beta = 0 is a plain
 #: autoencoder, r1 = 0 turns the penalty off, CPC's context may be a single 1x1 conv
-ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("cpc", "context_layers"), ("vae", "beta"),
-           ("gan", "r1"), ("gan", "ema_decay"), ("ddpm", "ema_decay")}
+ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"), ("cpc", "context_layers"), ("vae", "beta"),
+           ("gan", "r1"), ("gan", "ema_decay"), ("ddpm", "ema_decay"),
+           # SwAV: no local crops (its 2x224 variant), no queue, the queue from the start, no prototype freeze
+           ("swav", "num_local_crops"), ("swav", "queue_length"), ("swav", "epoch_queue_starts"),
+           ("swav", "freeze_prototypes_epochs")}
 
 
 def _cfg(name, key=None, value=None):

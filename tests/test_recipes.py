@@ -22,8 +22,9 @@ GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
 
 
 def _views(cfg):
-    """The per-view augmentation (dicts, size dropped) a loaded config trains with."""
-    specs = resolve_views(METHODS.get(cfg.method.name).views, cfg.data.augment, cfg.data.views, cfg.data.image_size)
+    """The per-view augmentation (dicts, size dropped) a loaded config trains with: the built method's views,
+    which the pipeline reads (a multi-crop method's follow its keys: SwAV's num_local_crops, crop scales)."""
+    specs = resolve_views(create_method(cfg).views, cfg.data.augment, cfg.data.views, cfg.data.image_size)
     return [{k: v for k, v in vars(s).items() if k != "size"} for s in specs]
 
 
@@ -56,6 +57,12 @@ OLD = {
     "digits_pixelcnn.yaml": [_OLD_GENERATIVE],
     "digits_ddpm.yaml": [_OLD_GENERATIVE],
     "simclr_resnet18.yaml": [_OLD_DEFAULT] * 2,
+    "digits_byol.yaml": [_OLD_QUICKSTART] * 2,     # new configs: the quickstart's pinned augmentation
+    "digits_simsiam.yaml": [_OLD_QUICKSTART] * 2,
+    "digits_barlow_twins.yaml": [_OLD_QUICKSTART] * 2,
+    "digits_vicreg.yaml": [_OLD_QUICKSTART] * 2,
+    # 2 global crops on the quickstart's crop, 4 local ones at 10-30% of the area (data.augment.crop_scale: null)
+    "digits_swav.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
 }
 
 
@@ -84,10 +91,24 @@ MOCO_V2 = _spec((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0)
 #: blur p 1.0 / 0.1 and solarization p 0.0 / 0.2 on views 1 / 2.
 MOCO_V3 = [_spec((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, 0.0),
            _spec((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2)]
+#: BYOL (Grill et al. 2020), table 6 and deepmind-research/byol utils/augmentations.py: crop 0.08-1, jitter
+#: (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, flip; blur (sigma 0.1-2, kernel side/10) p 1.0 / 0.1, solarize p 0 / 0.2.
+BYOL = [_spec((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, 0.0),
+        _spec((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2)]
+#: SimSiam (Chen & He 2021), facebookresearch/simsiam main_simsiam.py: MoCo v2's augmentation on both views.
+SIMSIAM = [MOCO_V2, MOCO_V2]
+#: SwAV (Caron et al. 2020), facebookresearch/swav src/multicropdataset.py and scripts/swav_800ep_pretrain.sh: 2 global
+#: crops (scale 0.14-1) + 6 local crops (0.05-0.14, at 96 px), each: flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8,
+#: grayscale 0.2, PIL Gaussian blur radius 0.1-2 p 0.5; no solarization.
+SWAV = ([_spec((0.14, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)] * 2
+        + [_spec((0.05, 0.14), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)] * 6)
 #: No augmentation (whole image, no flips, no colour): VAE, GAN, PixelCNN. DDPM (Ho et al. 2020, appendix B):
 #: random horizontal flips on CIFAR-10.
 NONE = _spec((1.0, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0, crop_ratio=(1.0, 1.0))
 PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": MOCO_V3,
+         "byol": BYOL, "simsiam": SIMSIAM,
+         "barlow_twins": BYOL, "vicreg": BYOL,   # the official main.py Transform / augmentations.py: BYOL's pair
+         "swav": SWAV,
          "cpc": [MOCO_V2],     # CPC keeps its image-level augmentation (CPC v2 augments patches; docs/methods.md)
          "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}]}
 
@@ -166,7 +187,7 @@ def test_moco_v3_runs_each_view_through_its_own_forward():
     first_bn = next(x for x in m.backbone.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm))
     key_bn = next(x for x in m.key_backbone.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm))
     hooks = [bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0])) for bn in (first_bn, key_bn)]
-    loss = m.training_step({"views": torch.stack([v1, v2])})["loss"]
+    loss = m.training_step({"views": [torch.stack([v1, v2])]})["loss"]
     for h in hooks:
         h.remove()
     assert seen == [B] * 4                                            # 2 views x (query, key) encoder
@@ -189,7 +210,7 @@ def test_stop_grad_conv1_freezes_the_patch_projection():
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     be = DDPBackend(m, cfg, torch.device("cpu"))
     be.set_lr(1e-2)
-    batch = {"views": torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    batch = {"views": [torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(1))]}
     with be.accumulate(last=True):
         be.backward(be.forward(batch)["loss"])
     assert proj.weight.grad is None and proj.bias.grad is None

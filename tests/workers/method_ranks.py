@@ -36,7 +36,7 @@ for name in names:
     if getattr(method, "sync_bn", False):
         method = convert_sync_bn(method, torch.device("cpu"))
     be = create_backend(method, cfg, torch.device("cpu"))
-    be.module.before_step(0, 10, 5)
+    be.module.before_step(10, 20, 5)   # past any warm-up freeze (SwAV: 1 epoch)
     loss = be.forward(local)["loss"]
     if backend_name == "zero2":
         from deepspeed.utils import safe_get_full_grad
