@@ -18,7 +18,7 @@ BUDGET_S="${BUDGET_S:-300}"
 CALIB_STEPS="${CALIB_STEPS:-12}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 METHODS=("$@")
-[ ${#METHODS[@]} -gt 0 ] || METHODS=(simclr moco_v2 moco_v3 cpc byol simsiam barlow_twins vicreg swav)
+[ ${#METHODS[@]} -gt 0 ] || METHODS=(simclr moco_v2 moco_v3 cpc byol simsiam barlow_twins vicreg swav nnclr)
 
 if [ ! -f "$OUT/data/train/index.json" ]; then   # the quickstart's shards
   pretrain shards digits "$OUT/data" --size 32 --val-fraction 0.2 --shard-size 256

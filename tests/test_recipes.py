@@ -61,6 +61,7 @@ OLD = {
     "digits_simsiam.yaml": [_OLD_QUICKSTART] * 2,
     "digits_barlow_twins.yaml": [_OLD_QUICKSTART] * 2,
     "digits_vicreg.yaml": [_OLD_QUICKSTART] * 2,
+    "digits_nnclr.yaml": [_OLD_QUICKSTART] * 2,
     # 2 global crops on the quickstart's crop, 4 local ones at 10-30% of the area (data.augment.crop_scale: null)
     "digits_swav.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
 }
@@ -108,6 +109,7 @@ NONE = _spec((1.0, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0, c
 PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": MOCO_V3,
          "byol": BYOL, "simsiam": SIMSIAM,
          "barlow_twins": BYOL, "vicreg": BYOL,   # the official main.py Transform / augmentations.py: BYOL's pair
+         "nnclr": BYOL,   # Dwibedi et al. 2021, section 4: BYOL's augmentation
          "swav": SWAV,
          "cpc": [MOCO_V2],     # CPC keeps its image-level augmentation (CPC v2 augments patches; docs/methods.md)
          "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}]}
