@@ -25,6 +25,9 @@ setup(
     extras_require={
         "quickstart": ["scikit-learn>=1.2"],
         "bench": ["scikit-image>=0.21"],  # sample photos for scripts/bench.py data
+        # baseline of scripts/bench.py multicrop (pulls pytorch_lightning; its transforms alone need only
+        # `pip install --no-deps lightly lightning-utilities`); not in scripts/setup_env.sh's install
+        "lightly": ["lightly>=1.5,<2"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "scikit-learn>=1.2", "accelerate>=1.0", "mpmath>=1.2"],  # accelerate: launcher test; mpmath: float64+ references
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},

@@ -2,6 +2,8 @@
 """Side-by-side benchmarks: each prints ratios measured in one run, A and B interleaved, medians.
 
     python scripts/bench.py data   [--quick]   # our shard loader vs torchvision ImageFolder + PIL SimCLR transform
+    python scripts/bench.py multicrop [--quick] [--baseline lightly|none]
+                                               # multi-crop 2x224 + 6x96: ours vs our two-view 224 vs lightly
     python scripts/bench.py engine [--quick] [--method simclr|moco_v2]
                                                # `pretrain` train step vs a hand-written PyTorch loop
 
@@ -19,6 +21,15 @@ images/s (each delivered as two augmented views), in steady state (the first bat
 start-up and our shuffle-buffer fill, are not timed), by wall clock and per CPU-second used by the
 main process and its workers (the latter depends much less on other load on the machine). Runs
 alternate ours, baseline, ours, baseline...
+
+multicrop: the same kind of photos (larger by default, 384 px), three loaders interleaved: ours with
+SwAV's multi-crop views (2 x 224 px crops of 14-100% of the image + 6 x 96 px of 5-14%, SwAV's colour
+distortion and blur on every crop) through build_train_loader, with a stand-in method that only declares
+those views; ours with two 224 px views (MoCo v2's, as `data`); and lightly's SwaVTransform with the
+same crops and colour settings on the image folder through torchvision's ImageFolder + DataLoader.
+Ratios: ours multi-crop / lightly and ours multi-crop / ours two-view. lightly is optional
+(`pip install -e ".[lightly]"`, or lightest `pip install --no-deps lightly lightning-utilities`);
+`--baseline none` runs ours only.
 
 engine: pretrain.engine.trainer.train() fed a fixed in-memory batch (its `data=` argument) vs a bare
 loop with the same model, loss, LARS optimizer, LR schedule and batch, written out by hand: for
@@ -165,6 +176,11 @@ def cpu_seconds() -> float:
     return total
 
 
+def rate(n: int, seconds: float) -> float:
+    """n / seconds; nan when no time was measured (CPU time counts in clock ticks: a --quick run can see none)."""
+    return n / seconds if seconds > 0 else float("nan")
+
+
 def time_batches(it, n_warm: int, n_timed: int, check):
     """Steady-state (wall seconds, CPU seconds) for n_timed batches after n_warm untimed ones."""
     for _ in range(n_warm):
@@ -175,30 +191,46 @@ def time_batches(it, n_warm: int, n_timed: int, check):
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def run_ours(shards: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int):
+class DeclaresViews:
+    """A stand-in method: all build_train_loader reads of a method is its `views`."""
+
+    def __init__(self, views):
+        self.views = views
+
+
+def run_ours(shards: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int, views=None):
+    """Our loader's (img/s, img/CPU-s): MoCo v2's two views, or the given `views` (ViewSpecs)."""
     from pretrain.config import load_config
     from pretrain.data import build_train_loader
+    from pretrain.data.views import view_groups
     from pretrain.methods import METHODS
 
     cfg = load_config(None, [f"data.train={shards}", f"data.image_size={out}", f"data.num_workers={workers}",
                              "data.augment_on=worker", f"seed={seed}"])
-    # MoCo v2's two views: the same parameters as the torchvision baseline (simclr_torchvision)
-    loader = build_train_loader(cfg, METHODS.get("moco_v2"), batch, n_warm + n_timed, 0, "cpu")
+    # default: MoCo v2's two views, the same parameters as the torchvision baseline (simclr_torchvision)
+    method = METHODS.get("moco_v2") if views is None else DeclaresViews(views)
+    shapes = [(len(idx), batch, 3, side, side) for side, idx in view_groups(method.views, out)]
+    loader = build_train_loader(cfg, method, batch, n_warm + n_timed, 0, "cpu")
     it = loader.batches(0)
 
     def check(b):
-        assert b["views"][0].shape == (2, batch, 3, out, out) and b["views"][0].dtype == torch.float32
+        got = [tuple(v.shape) for v in b["views"]]
+        assert got == shapes and all(v.dtype == torch.float32 for v in b["views"]), (got, shapes)
 
     dt, cpu = time_batches(it, n_warm, n_timed, check)
     it.close()   # shuts the workers down
-    return n_timed * batch / dt, n_timed * batch / cpu
+    return rate(n_timed * batch, dt), rate(n_timed * batch, cpu)
 
 
-def run_baseline(folder: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int):
+def run_baseline(folder: Path, out: int, batch: int, workers: int, n_warm: int, n_timed: int, seed: int,
+                 transform=None, sides=None):
+    """ImageFolder + DataLoader (img/s, img/CPU-s): the torchvision SimCLR recipe twice, or `transform`
+    (PIL image -> one tensor per view, of the given `sides`)."""
     from torch.utils.data import DataLoader, RandomSampler
     from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(str(folder), transform=TwoViews(simclr_torchvision(out)))
+    transform, sides = (TwoViews(simclr_torchvision(out)), [out] * 2) if transform is None else (transform, sides)
+    ds = ImageFolder(str(folder), transform=transform)
     g = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(ds, replacement=True, num_samples=(n_warm + n_timed) * batch, generator=g)
     dl = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
@@ -207,11 +239,11 @@ def run_baseline(folder: Path, out: int, batch: int, workers: int, n_warm: int, 
 
     def check(b):
         views, _ = b
-        assert len(views) == 2 and views[0].shape == (batch, 3, out, out)
+        assert [tuple(v.shape) for v in views] == [(batch, 3, x, x) for x in sides]
 
     dt, cpu = time_batches(it, n_warm, n_timed, check)
     del it
-    return n_timed * batch / dt, n_timed * batch / cpu
+    return rate(n_timed * batch, dt), rate(n_timed * batch, cpu)
 
 
 def bench_data(a) -> int:
@@ -247,6 +279,92 @@ def bench_data(a) -> int:
         (o0, b0, r0, lo0, hi0), (o1, b1, r1, lo1, hi1) = cols
         print(f"{src:>5} {out:>4} {batch:>5} | {o0:10.1f} {b0:8.1f} {r0:5.2f}x [{lo0:4.2f}-{hi0:4.2f}] | "
               f"{o1:14.1f} {b1:12.1f} {r1:5.2f}x [{lo1:4.2f}-{hi1:4.2f}]")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# multicrop
+LIGHTLY_MISSING = ("multicrop: lightly is not installed (the baseline): pip install --no-deps 'lightly>=1.5,<2' "
+                   "lightning-utilities  (or pip install -e '.[lightly]', which also pulls pytorch_lightning), "
+                   "or pass --baseline none")
+
+
+def swav_views(local: int):
+    """SwAV's multi-crop (facebookresearch/swav, main_swav.py + src/multicropdataset.py): 2 global crops of
+    14-100% of the area at data.image_size, 6 local ones of 5-14% at `local` px; flip, colour distortion
+    s = 1 (ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2) and blur sigma 0.1-2 with p 0.5 on
+    every crop; no solarization."""
+    from pretrain.data.views import ViewSpec, multi_crop
+
+    glob = ViewSpec(crop_scale=(0.14, 1.0), flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
+                    hue=0.2, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), solarize_p=0.0)
+    return multi_crop(glob, glob.replace(crop_scale=(0.05, 0.14)), num_global=2, num_local=6, local_size=local)
+
+
+def swav_lightly(out: int, local: int):
+    """lightly's SwaVTransform with the crops and colour settings of `swav_views` (all given explicitly).
+    Differences lightly does not let us remove: PIL Gaussian blur (radius = sigma) instead of our separable
+    kernel of 10% of the side; torchvision's ColorJitter (random op order, hue in HSV) instead of ours
+    (fixed order, hue as a YIQ rotation)."""
+    from lightly.transforms import SwaVTransform
+
+    return SwaVTransform(crop_sizes=(out, local), crop_counts=(2, 6), crop_min_scales=(0.14, 0.05),
+                         crop_max_scales=(1.0, 0.14), hf_prob=0.5, vf_prob=0.0, rr_prob=0.0, cj_prob=0.8,
+                         cj_strength=1.0, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8, cj_hue=0.2,
+                         random_gray_scale=0.2, gaussian_blur=0.5, sigmas=(0.1, 2.0),
+                         normalize={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+
+
+def bench_multicrop(a) -> int:
+    from pretrain.data.views import view_groups
+
+    if a.baseline == "lightly":
+        try:
+            import lightly.transforms  # noqa: F401
+        except ImportError:
+            print(LIGHTLY_MISSING, file=sys.stderr)
+            return 2
+    out, local, batch = a.global_size, a.local_size, a.batch
+    torch.set_num_threads(1)   # the main process only collects batches; workers do the work
+    root = Path(a.work_dir) / f"img{a.image}_n{a.images}"
+    desc = make_images(root, a.images, a.image)
+    views = swav_views(local)
+    runs = [("multi-crop", lambda r: run_ours(root / "shards" / "train", out, batch, a.workers, a.warmup, a.batches,
+                                              seed=r, views=views)),
+            ("two-view", lambda r: run_ours(root / "shards" / "train", out, batch, a.workers, a.warmup, a.batches,
+                                            seed=r))]
+    if a.baseline == "lightly":
+        import lightly
+
+        tf = swav_lightly(out, local)
+        runs.append((f"lightly {lightly.__version__}",
+                     lambda r: run_baseline(root / "folder", out, batch, a.workers, a.warmup, a.batches, seed=r,
+                                            transform=tf, sides=[out] * 2 + [local] * 6)))
+    log(f"[multicrop] {desc} in {root}; 2x{out} + 6x{local} px crops, batch {batch}, {a.workers} workers, "
+        f"{a.warmup}+{a.batches} batches per run, {a.reps} reps interleaved, load average {load()}")
+    res = {name: [] for name, _ in runs}
+    for r in range(a.reps):
+        for name, fn in runs:
+            res[name].append(fn(r))
+            log(f"  rep {r}: {name:14s} {res[name][-1][0]:8.1f} img/s  {res[name][-1][1]:8.1f} img/CPU-s  "
+                f"(load {load()})")
+    shapes = [(len(idx), "B", 3, s, s) for s, idx in view_groups(views, out)]
+    print(f"\nMulti-crop data path: {desc}; {a.workers} workers, batch {batch}, {a.reps} interleaved reps, medians "
+          f"({os.cpu_count()} CPUs, torch {torch.__version__}, load average {load()})")
+    print(f"multi-crop: ours, SwAV's 2x{out} + 6x{local} crops, batch['views'] shapes {shapes}; two-view: ours, "
+          f"MoCo v2's 2x{out}" + (f"; {runs[-1][0]}: SwaVTransform, same crops" if a.baseline == "lightly" else ""))
+    print("img/s: source images per second, steady state, wall clock; img/CPU-s: per CPU-second of the main\n"
+          "process and its workers; ratios: median of the per-rep ratios [min-max]")
+    print(f"{'loader':>16} | {'img/s':>8} {'img/CPU-s':>9}")
+    for name, xs in res.items():
+        print(f"{name:>16} | {med([x[0] for x in xs]):8.1f} {med([x[1] for x in xs]):9.1f}")
+    pairs = [("multi-crop", "two-view")] + ([("multi-crop", runs[-1][0])] if a.baseline == "lightly" else [])
+    for num, den in pairs:
+        cols = []
+        for i in (0, 1):
+            rs = [x[i] / y[i] for x, y in zip(res[num], res[den])]
+            cols.append(f"{med(rs):5.2f}x [{min(rs):4.2f}-{max(rs):4.2f}]")
+        print(f"ratio {num} / {den}: wall {cols[0]}, CPU {cols[1]}")
     return 0
 
 
@@ -443,7 +561,19 @@ def main(argv=None) -> int:
     e.add_argument("--channels-last", action="store_true",
                    help="the engine side with train.channels_last=true (the bare loop stays NCHW): the ratio "
                         "is then NHWC / NCHW plus the engine's overhead")
-    for s in (d, e):
+    m = sub.add_parser("multicrop", help="multi-crop 2x224 + 6x96 vs two-view 224 (ours) vs lightly's SwaVTransform")
+    m.add_argument("--baseline", choices=["lightly", "none"], default="lightly",
+                   help="none: ours only (multi-crop and two-view), no lightly needed")
+    m.add_argument("--image", type=int, default=384, help="source image side (JPEG), about ImageNet's mean image area")
+    m.add_argument("--global-size", type=int, default=224)
+    m.add_argument("--local-size", type=int, default=96)
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--images", type=int, default=3000)
+    m.add_argument("--workers", type=int, default=2)
+    m.add_argument("--warmup", type=int, default=2, help="untimed batches per run (worker start-up)")
+    m.add_argument("--batches", type=int, default=8, help="timed batches per run (a multiple of --workers)")
+    m.add_argument("--reps", type=int, default=5)
+    for s in (d, e, m):
         s.add_argument("--quick", action="store_true", help="a fast smoke run (small and noisy)")
         s.add_argument("--work-dir", help="where to write images and runs, kept (default: a temporary dir, removed)")
     a = p.parse_args(argv)
@@ -451,7 +581,9 @@ def main(argv=None) -> int:
         a.settings, a.images, a.warmup, a.batches, a.reps = ["96:64:32"], 300, 2, 4, 1
     if a.quick and a.cmd == "engine":
         a.batch, a.warmup, a.steps, a.reps = 16, 2, 3, 1
-    run = bench_data if a.cmd == "data" else bench_engine
+    if a.quick and a.cmd == "multicrop":
+        a.image, a.global_size, a.local_size, a.batch, a.images, a.warmup, a.batches, a.reps = 64, 32, 16, 16, 200, 2, 2, 1
+    run = {"data": bench_data, "engine": bench_engine, "multicrop": bench_multicrop}[a.cmd]
     if a.work_dir:
         return run(a)
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as d:
