@@ -48,6 +48,11 @@ def positive() -> Rule:
     return Rule("a number > 0", lambda v: _number(v) and v > 0, (0, -0.5, float("nan"), "x"))
 
 
+def optional(rule: Rule) -> Rule:
+    """`rule`, or null (which the method reads as "derive it", e.g. from the backbone's width)."""
+    return Rule(f"null or {rule.describe}", lambda v: v is None or rule.ok(v), rule.invalid)
+
+
 def non_negative() -> Rule:
     """A finite number >= 0."""
     return Rule("a number >= 0", lambda v: _number(v) and v >= 0, (-0.1, float("inf"), "x"))

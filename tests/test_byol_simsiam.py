@@ -300,3 +300,14 @@ def test_digits_configs_keep_heads_modest(name):
     dims = [v for k, v in c.method.items() if k.endswith("_dim")]
     assert dims and max(dims) <= 512
     assert c.model.name == "resnet18" and c.data.image_size == 16 and c.train.global_batch_size == 256
+
+
+def test_simsiam_projector_width_defaults_to_the_backbones():
+    """builder.py: the projector's hidden layers are as wide as the backbone's features (prev_dim), whatever
+    the backbone: 512 for a resnet10t, not the ResNet-50's 2048."""
+    from pretrain.config import load_config
+    from pretrain.methods import create_method
+
+    m = create_method(load_config(None, ["data.train=x", "model.name=resnet10t", "method.name=simsiam"]))
+    first = next(x for x in m.projector if isinstance(x, torch.nn.Linear))
+    assert first.in_features == first.out_features == m.backbone.num_features == 512

@@ -17,7 +17,9 @@ ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"
            ("gan", "r1"), ("gan", "ema_decay"), ("ddpm", "ema_decay"),
            # SwAV: no local crops (its 2x224 variant), no queue, the queue from the start, no prototype freeze
            ("swav", "num_local_crops"), ("swav", "queue_length"), ("swav", "epoch_queue_starts"),
-           ("swav", "freeze_prototypes_epochs")}
+           ("swav", "freeze_prototypes_epochs"),
+           # the papers' ablations that drop a term (Barlow Twins' lambda, VICReg's coefficients)
+           ("barlow_twins", "lambd"), ("vicreg", "sim_coeff"), ("vicreg", "std_coeff"), ("vicreg", "cov_coeff")}
 
 
 def _cfg(name, key=None, value=None):
@@ -38,6 +40,8 @@ def _sweep(key, default):
         return ["maybe", 3]
     if isinstance(default, (int, float)):
         return [0, -1] + ([1.5] if key in FRACTIONS else [])
+    if default is None:   # "derive it" (SimSiam's projector width: the backbone's); a value must still be sane
+        return [0, -1, "x"]
     if isinstance(default, str):
         return ["no_such_option"]
     if isinstance(default, (list, tuple)):

@@ -254,6 +254,7 @@ def test_swav_resnet50_is_the_official_800_epoch_recipe():
     from pathlib import Path
     c = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "swav_resnet50.yaml"))
     assert (c.method.name, c.model.name, c.data.image_size) == ("swav", "resnet50", 224)
+    assert c.model.kwargs.zero_init_last is False   # src/resnet50.py: zero_init_residual=False (timm's default: True)
     assert (c.train.global_batch_size, c.train.epochs) == (4096, 800)
     assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.min_lr, c.optim.weight_decay) == (
         "lars", 4.8, "none", 0.0048, 1e-6)

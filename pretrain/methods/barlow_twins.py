@@ -25,7 +25,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.byol import VIEW_1, VIEW_2
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
-from pretrain.params import boolean, integer, positive
+from pretrain.params import boolean, integer, non_negative, positive
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class BarlowTwins(Method):
         "sync_bn": True,         # BN statistics of the global batch, the embeddings' normalisation included
     }
     checks = {"proj_hidden_dim": integer(1), "proj_dim": integer(1), "proj_layers": integer(1),
-              "lambd": positive(), "bias_lr_scale": positive(), "sync_bn": boolean()}
+              "lambd": non_negative(), "bias_lr_scale": positive(), "sync_bn": boolean()}
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim=8192, proj_dim=8192, proj_layers=3, lambd=0.005,
                  bias_lr_scale=0.024, sync_bn=True):

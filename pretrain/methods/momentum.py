@@ -1,4 +1,4 @@
-"""Shared by the momentum-encoder methods (MoCo v2, MoCo v3): a frozen EMA copy of the online
+"""Shared by the momentum-encoder methods (MoCo v2, MoCo v3, BYOL): a frozen EMA copy of the online
 networks, its momentum schedule, and exporting either backbone."""
 from __future__ import annotations
 

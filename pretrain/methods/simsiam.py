@@ -23,7 +23,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.moco_v2 import VIEW as MOCO_V2_VIEW
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
-from pretrain.params import boolean, integer
+from pretrain.params import boolean, integer, optional
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -37,23 +37,24 @@ class SimSiam(Method):
     #: p 0.8, grayscale 0.2, blur sigma 0.1-2 p 0.5, flip)
     views = (MOCO_V2_VIEW, MOCO_V2_VIEW)
     defaults = {
-        "proj_hidden_dim": 2048,    # the official code: the backbone's width (2048 for a ResNet-50)
+        "proj_hidden_dim": None,    # null: the backbone's width, as the official code (2048 for a ResNet-50)
         "proj_dim": 2048,
         "proj_layers": 3,           # 2 in the paper's CIFAR-10 runs
         "pred_hidden_dim": 512,     # the bottleneck
         "fix_pred_lr": True,        # the predictor keeps the peak LR (main_simsiam.py --fix-pred-lr)
         "sync_bn": True,
     }
-    checks = {"proj_hidden_dim": integer(1), "proj_dim": integer(1), "proj_layers": integer(1),
+    checks = {"proj_hidden_dim": optional(integer(1)), "proj_dim": integer(1), "proj_layers": integer(1),
               "pred_hidden_dim": integer(1), "fix_pred_lr": boolean(), "sync_bn": boolean()}
     #: per-sample loss averaged over the batch, BN global across ranks: W ranks x B == one process at W*B
     cross_rank_exact = True
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim=2048, proj_dim=2048, proj_layers=3, pred_hidden_dim=512,
+    def __init__(self, backbone: nn.Module, proj_hidden_dim=None, proj_dim=2048, proj_layers=3, pred_hidden_dim=512,
                  fix_pred_lr=True, sync_bn=True):
         super().__init__(backbone)
         self.fix_pred_lr, self.sync_bn = fix_pred_lr, sync_bn
-        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, last_bn=True)
+        width = backbone.num_features
+        self.projector = mlp_head(width, proj_hidden_dim or width, proj_dim, proj_layers, last_bn=True)
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2)
 
     def param_groups(self, weight_decay: float, phase: str = "main") -> List[dict]:

@@ -26,7 +26,7 @@ from pretrain.methods.base import Method
 from pretrain.methods.byol import VIEW_1, VIEW_2
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
-from pretrain.params import boolean, integer, positive
+from pretrain.params import boolean, integer, non_negative
 
 
 def variance_covariance(z: torch.Tensor, eps: float = 1e-4):
@@ -63,7 +63,7 @@ class VICReg(Method):
         "sync_bn": True,         # the expander's BN over the global batch (official: SyncBatchNorm)
     }
     checks = {"proj_hidden_dim": integer(1), "proj_dim": integer(1), "proj_layers": integer(1),
-              "sim_coeff": positive(), "std_coeff": positive(), "cov_coeff": positive(), "sync_bn": boolean()}
+              "sim_coeff": non_negative(), "std_coeff": non_negative(), "cov_coeff": non_negative(), "sync_bn": boolean()}
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim=8192, proj_dim=8192, proj_layers=3, sim_coeff=25.0,
                  std_coeff=25.0, cov_coeff=1.0, sync_bn=True):
