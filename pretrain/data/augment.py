@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from pretrain.data.views import ViewSpec
@@ -59,6 +60,14 @@ def crop_params(h: int, w: int, scale, ratio, g: torch.Generator):
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def new_batch(shape, device) -> torch.Tensor:
+    """torch.empty(shape) (float32) for a batch this stage returns; in shared memory when made on CPU in a
+    DataLoader worker, which would otherwise copy the batch there to send it (as torch's default_collate)."""
+    if torch.device(device).type == "cpu" and get_worker_info() is not None:
+        return torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(math.prod(shape))).view(shape)
+    return torch.empty(shape, device=device)
 
 
 def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,7 +155,7 @@ class SimCLRAugment:
         affine, bias = torch.where(to_gray, to_gray_m, eye) / std, -mean / std
 
         step = N if dev.type != "cpu" else max(1, self.cpu_chunk_bytes // (3 * H * W * 4))
-        out = torch.empty(N, 3, H * W, device=dev)
+        out = new_batch((N, 3, H * W), dev)
         spare = torch.empty(min(step, N), 3, H * W, device=dev)
         for i in range(0, N, step):
             j = slice(i, i + step)

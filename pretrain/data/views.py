@@ -181,16 +181,19 @@ class MultiViewAugment:
 
     def stack(self, crops: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         """Per view, its B crops -> per group, [V_g, B, 3, S_g, S_g] uint8."""
-        return [torch.stack([torch.stack(crops[v]) for v in idx]) for idx in self.groups]
+        return [torch.stack([c for v in idx for c in crops[v]]).unflatten(0, (len(idx), -1)) for idx in self.groups]
 
     def photometric(self, groups: Sequence[torch.Tensor], g: torch.Generator) -> List[torch.Tensor]:
         """Per group, [V_g, B, 3, S_g, S_g] uint8 -> float32 of that shape, view v through augs[v]."""
+        from pretrain.data.augment import new_batch
+
         out = []
         for idx, shared, x in zip(self.groups, self.shared, groups):
             if shared:
                 out.append(self.augs[idx[0]].photometric(x.flatten(0, 1), g).view(x.shape))
             else:
-                out.append(torch.stack([self.augs[v].photometric(xv, g) for v, xv in zip(idx, x)]))
+                out.append(torch.stack([self.augs[v].photometric(xv, g) for v, xv in zip(idx, x)],
+                                       out=new_batch(x.shape, x.device)))
         return out
 
 
