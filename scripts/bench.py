@@ -290,21 +290,20 @@ LIGHTLY_MISSING = ("multicrop: lightly is not installed (the baseline): pip inst
 
 
 def swav_views(local: int):
-    """SwAV's multi-crop (facebookresearch/swav, main_swav.py + src/multicropdataset.py): 2 global crops of
-    14-100% of the area at data.image_size, 6 local ones of 5-14% at `local` px; flip, colour distortion
-    s = 1 (ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2) and blur sigma 0.1-2 with p 0.5 on
-    every crop; no solarization."""
-    from pretrain.data.views import ViewSpec, multi_crop
+    """SwAV's multi-crop as the method declares it (pretrain/methods/swav.py: facebookresearch/swav main_swav.py +
+    src/multicropdataset.py): 2 global crops of 14-100% of the area at data.image_size, 6 local ones of 5-14% at
+    `local` px; flip, colour distortion s = 1 (ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2) and
+    blur sigma 0.1-2 (kernel +-3 sigma) with p 0.5 on every crop; no solarization."""
+    from pretrain.data.views import multi_crop
+    from pretrain.methods.swav import GLOBAL, LOCAL
 
-    glob = ViewSpec(crop_scale=(0.14, 1.0), flip_p=0.5, jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
-                    hue=0.2, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), solarize_p=0.0)
-    return multi_crop(glob, glob.replace(crop_scale=(0.05, 0.14)), num_global=2, num_local=6, local_size=local)
+    return multi_crop(GLOBAL, LOCAL, num_global=2, num_local=6, local_size=local)
 
 
 def swav_lightly(out: int, local: int):
     """lightly's SwaVTransform with the crops and colour settings of `swav_views` (all given explicitly).
-    Differences lightly does not let us remove: PIL Gaussian blur (radius = sigma) instead of our separable
-    kernel of 10% of the side; torchvision's ColorJitter (random op order, hue in HSV) instead of ours
+    Differences lightly does not let us remove: PIL Gaussian blur (radius = sigma, box approximation) instead
+    of our separable Gaussian kernel of +-3 sigma; torchvision's ColorJitter (random op order, hue in HSV) instead of ours
     (fixed order, hue as a YIQ rotation)."""
     from lightly.transforms import SwaVTransform
 
