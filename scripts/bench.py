@@ -293,7 +293,7 @@ def swav_views(local: int):
     """SwAV's multi-crop as the method declares it (pretrain/methods/swav.py: facebookresearch/swav main_swav.py +
     src/multicropdataset.py): 2 global crops of 14-100% of the area at data.image_size, 6 local ones of 5-14% at
     `local` px; flip, colour distortion s = 1 (ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2) and
-    blur sigma 0.1-2 (kernel +-3 sigma) with p 0.5 on every crop; no solarization."""
+    blur sigma 0.1-2 (kernel 10% of the side) with p 0.5 on every crop; no solarization."""
     from pretrain.data.views import multi_crop
     from pretrain.methods.swav import GLOBAL, LOCAL
 
@@ -303,7 +303,7 @@ def swav_views(local: int):
 def swav_lightly(out: int, local: int):
     """lightly's SwaVTransform with the crops and colour settings of `swav_views` (all given explicitly).
     Differences lightly does not let us remove: PIL Gaussian blur (radius = sigma, box approximation) instead
-    of our separable Gaussian kernel of +-3 sigma; torchvision's ColorJitter (random op order, hue in HSV) instead of ours
+    of our separable Gaussian kernel of 10% of the side; torchvision's ColorJitter (random op order, hue in HSV) instead of ours
     (fixed order, hue as a YIQ rotation)."""
     from lightly.transforms import SwaVTransform
 

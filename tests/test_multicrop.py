@@ -134,18 +134,3 @@ def test_param_group_lr_scale_and_fixed_lr_under_each_backend(backend):
     after = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (be.module.a, be.module.b, be.module.c)]
     assert [torch.equal(x, y) for x, y in zip(before, after)] == [True, True, False]
 
-
-def test_blur_kernel_from_sigma_is_the_same_at_every_crop_size():
-    """blur_kernel_frac None (SwAV, as PIL's blur): the kernel spans +-3 sigma of the largest sigma, 13 taps for
-    sigma <= 2 at 224 and at 96 px; a fraction of the side (SimCLR's 10%) gives 23 and 9 taps."""
-    from pretrain.data.augment import SimCLRAugment
-
-    mean, std = [0.5] * 3, [0.25] * 3
-    by_sigma = ViewSpec(blur_sigma=(0.1, 2.0), blur_kernel_frac=None)
-    assert [SimCLRAugment(224, mean, std, spec=by_sigma.replace(size=s)).blur_k for s in (224, 96)] == [13, 13]
-    by_side = by_sigma.replace(blur_kernel_frac=0.1)
-    assert [SimCLRAugment(224, mean, std, spec=by_side.replace(size=s)).blur_k for s in (224, 96)] == [23, 9]
-    # and the truncated kernel is the Gaussian: its outermost tap at sigma 2 is exp(-9/2) of the centre
-    from pretrain.data.augment import gaussian_kernels
-    k = gaussian_kernels(torch.tensor([2.0]), 13)[0].double()
-    assert (k[0] / k[6]).item() == pytest.approx(float(torch.exp(torch.tensor(-4.5, dtype=torch.float64))), rel=1e-5)

@@ -101,9 +101,8 @@ SIMSIAM = [MOCO_V2, MOCO_V2]
 #: SwAV (Caron et al. 2020), facebookresearch/swav src/multicropdataset.py and scripts/swav_800ep_pretrain.sh: 2 global
 #: crops (scale 0.14-1) + 6 local crops (0.05-0.14, at 96 px), each: flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8,
 #: grayscale 0.2, PIL Gaussian blur radius 0.1-2 p 0.5; no solarization.
-#: PIL's blur has no kernel cut at a fraction of the side: ours spans +-3 sigma (blur_kernel_frac None).
-SWAV = ([_spec((0.14, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0, blur_kernel_frac=None)] * 2
-        + [_spec((0.05, 0.14), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0, blur_kernel_frac=None)] * 6)
+SWAV = ([_spec((0.14, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)] * 2
+        + [_spec((0.05, 0.14), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)] * 6)
 #: No augmentation (whole image, no flips, no colour): VAE, GAN, PixelCNN. DDPM (Ho et al. 2020, appendix B):
 #: random horizontal flips on CIFAR-10.
 NONE = _spec((1.0, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0, crop_ratio=(1.0, 1.0))

@@ -93,10 +93,7 @@ class SimCLRAugment:
         self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p = s.jitter_p, s.grayscale_p, s.blur_p, s.solarize_p
         self.brightness, self.contrast, self.saturation, self.hue = s.brightness, s.contrast, s.saturation, s.hue
         self.blur_sigma = tuple(s.blur_sigma)
-        if s.blur_kernel_frac is None:   # +-3 sigma of the largest sigma, whatever the crop's side (PIL's blur)
-            k = 2 * math.ceil(3 * s.blur_sigma[1]) + 1
-        else:                            # a fraction of the side (SimCLR's 10%)
-            k = max(3, int(s.blur_kernel_frac * self.size))
+        k = max(3, int(s.blur_kernel_frac * self.size))
         self.blur_k = k if k % 2 else k + 1
 
     def photometric_key(self) -> tuple:

@@ -39,8 +39,7 @@ class ViewSpec:
     crop_scale/crop_ratio: RandomResizedCrop's area fraction and aspect-ratio ranges; flip_p: horizontal
     flip; jitter_p: probability of colour jitter, whose brightness/contrast/saturation factors are drawn
     from [max(0, 1 - s), 1 + s] and hue shift (in turns) from [-hue, hue]; grayscale_p; blur_p, blur_sigma
-    (pixels), blur_kernel_frac (kernel side / image side, made odd and >= 3; None: +-3 sigma of the largest
-    sigma, so the kernel is the same at every crop size, as PIL's blur); solarize_p: BYOL's
+    (pixels), blur_kernel_frac (kernel side / image side, made odd and >= 3); solarize_p: BYOL's
     solarization (x >= 0.5 -> 1 - x on [0, 1] pixels, after blur); size: the view's side (None: data.image_size).
     """
 
@@ -95,7 +94,7 @@ RULES = {
     "crop_scale": pair(0, 1), "crop_ratio": pair(0), "blur_sigma": pair(0, unit=" (pixels)"),
     **{k: fraction(what="a probability") for k in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")},
     "brightness": non_negative(), "contrast": non_negative(), "saturation": non_negative(), "hue": fraction(0, 0.5),
-    "blur_kernel_frac": optional(fraction(0, 1, lo_open=True)),
+    "blur_kernel_frac": fraction(0, 1, lo_open=True),
     "size": optional(integer(1)),
 }
 
