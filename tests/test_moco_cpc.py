@@ -187,7 +187,7 @@ def test_moco_v3_trains_a_vit():
     # the projector and predictor end in BatchNorm without affine parameters
     assert not m.projector[-1].affine and not m.predictor[-1].affine
     opt = torch.optim.AdamW([p for g in m.param_groups(0.0) for p in g["params"]], lr=1e-3)
-    batch = {"views": torch.randn(2, 8, 3, 16, 16)}
+    batch = {"views": [torch.randn(2, 8, 3, 16, 16)]}
     losses = []
     for step in range(3):
         loss = m.training_step(batch)["loss"]
@@ -209,7 +209,7 @@ def test_cpc_context_is_causal_in_rows():
         (g,) = torch.autograd.grad(c[:, :, i].sum(), z, retain_graph=True)
         assert g[:, :, i + 1:].abs().max() == 0 if i < 4 else True
         assert g[:, :, i].abs().max() > 0
-    out = m.training_step({"views": torch.randn(1, 4, 3, 24, 24)})
+    out = m.training_step({"views": [torch.randn(1, 4, 3, 24, 24)]})
     assert set(out) == {"loss", "loss_k1", "loss_k2"} and torch.isfinite(out["loss"])
 
 
