@@ -268,3 +268,21 @@ def test_swav_resnet50_is_the_official_800_epoch_recipe():
     assert round(1281167 / 4096) == 313                             # the official freeze is one epoch
     method = create_method(load_config(None, ["data.train=x", "method.name=swav", "model.name=resnet10t"]))
     assert [(v.size, v.crop_scale) for v in method.views] == [(None, (0.14, 1.0))] * 2 + [(96, (0.05, 0.14))] * 6
+
+
+def test_fewer_prototypes_than_dimensions_is_warned(caplog):
+    """100 prototypes in 128 dimensions collapsed at once on the digits (every embedding orthogonal to every
+    prototype: uniform scores, loss ln K, no gradient): building such a SwAV says so."""
+    import logging
+
+    from pretrain.methods import create_method
+
+    base = ["data.train=x", "model.name=resnet10t", "data.image_size=16", "method.name=swav", "method.proj_dim=16",
+            "method.proj_hidden_dim=32", "method.local_crop_size=8"]
+    with caplog.at_level(logging.WARNING, logger="pretrain.methods"):
+        create_method(load_config(None, base + ["method.num_prototypes=16"]))
+    assert "num_prototypes=16 is not above method.proj_dim=16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain.methods"):
+        create_method(load_config(None, base + ["method.num_prototypes=17"]))
+    assert "num_prototypes" not in caplog.text

@@ -165,6 +165,10 @@ class SwAV(Method):
         self.cross_rank_exact = queue_length == 0
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2)   # Linear-BN-ReLU-Linear
         self.prototypes = Prototypes(proj_dim, num_prototypes)
+        if num_prototypes <= proj_dim:   # measured on digits: 100 prototypes in 128 dimensions collapsed at once
+            log.warning("method.num_prototypes=%d is not above method.proj_dim=%d: an embedding orthogonal to every "
+                        "prototype scores them all alike, a collapsed state with the loss at ln K and no gradient; "
+                        "use more prototypes than dimensions (the paper: 3000 in 128)", num_prototypes, proj_dim)
         self.prototypes.frozen = freeze_prototypes_epochs > 0                              # step 0 until told
         # Not buffers (DDP would broadcast them): the step, and the queue [2, L, D] of this rank's past
         # global-crop embeddings with how many rows hold one; checkpointed through extra_state.
