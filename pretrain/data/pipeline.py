@@ -369,7 +369,7 @@ class TrainLoader:
             for batch in loader:
                 self._account(batch, epoch * n)
                 views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
-                if not ds.photometric_in_worker:   # GPU-side augmentation, same seed as on a worker
+                if not ds.photometric_in_worker:   # on the device, from the batch seed: its own (deterministic) draws
                     g = torch.Generator(self.device).manual_seed(batch["seed"])
                     views = ds.augment.photometric(views, g)
                 batch["views"] = views
