@@ -36,13 +36,6 @@ VIEW_1 = ViewSpec(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
 VIEW_2 = VIEW_1.replace(blur_p=0.1, solarize_p=0.2)
 
 
-def byol_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's projector/predictor: Linear -> BN -> ReLU -> Linear, the output Linear without bias."""
-    head = mlp_head(in_dim, hidden_dim, out_dim, 2)
-    head[-1] = nn.Linear(hidden_dim, out_dim, bias=False)
-    return head
-
-
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Per-sample normalised MSE, 2 - 2 cos(p, z): [B, D], [B, D] -> [B] (in float32)."""
     return 2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1)
@@ -68,8 +61,8 @@ class BYOL(MomentumMethod):
                  momentum_schedule="cosine", sync_bn=True):
         super().__init__(backbone, momentum, momentum_schedule)
         self.sync_bn = sync_bn
-        self.projector = byol_mlp(backbone.num_features, proj_hidden_dim, proj_dim)
-        self.predictor = byol_mlp(proj_dim, pred_hidden_dim, proj_dim)
+        self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2, last_bias=False)   # BYOL's MLP
+        self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2, last_bias=False)
         self.init_momentum_encoder(["backbone", "projector"])   # key_backbone, key_projector: the target
 
     def training_step(self, batch):
