@@ -14,7 +14,8 @@ from helpers import WORKERS, torchrun
 from pretrain.config import load_config
 from pretrain.engine.backends import DDPBackend
 from pretrain.methods import create_method
-from pretrain.methods.swav import sinkhorn, swapped_prediction
+from pretrain.losses.sinkhorn import sinkhorn
+from pretrain.methods.swav import swapped_prediction
 
 SMALL = ["data.train=unused", "model.name=resnet10t", "data.image_size=16", "method.name=swav",
          "method.num_local_crops=2", "method.local_crop_size=8", "method.num_prototypes=12",

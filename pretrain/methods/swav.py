@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 from pretrain.comm import world_info
 from pretrain.data.views import ViewSpec, multi_crop
-from pretrain.losses import all_reduce_sum_with_grad, gather_no_grad
+from pretrain.losses import gather_no_grad
+from pretrain.losses.sinkhorn import sinkhorn
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
 from pretrain.models import mlp_head
@@ -75,23 +76,6 @@ NUM_GLOBAL = 2   # crops_for_assign = [0, 1]
 
 
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """Codes [N, K] for this rank's scores [N, K] (cosines), equipartitioned over the samples of all ranks.
-
-    Q = exp(scores / eps)^T [K, N]; Q /= sum(Q); then `iterations` times: each prototype row to 1/K (row
-    sums all-reduced over ranks), each sample column to 1/B (B = N x world); finally columns sum to 1."""
-    world = world_info()[1]
-    Q = torch.exp((scores.double() - 1) / epsilon).t()            # [K, N]; the shift cancels in Q /= sum(Q)
-    K, B = Q.shape[0], Q.shape[1] * world
-    Q /= all_reduce_sum_with_grad(Q.sum())
-    for _ in range(iterations):
-        Q /= all_reduce_sum_with_grad(Q.sum(dim=1, keepdim=True))  # [K, 1]: per prototype, over all ranks
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)                           # [1, N]: per sample (its own rank)
-        Q /= B
-    return (Q * B).t().float()                                    # [N, K], rows sum to 1
-
-
 def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
     """scores [V, B, K] (every crop), codes [G, B, K] (crops 0..G-1) -> the mean over code crops i, other
     crops v != i and samples of the cross-entropy -sum_k q_i log softmax(p_v / T)."""
