@@ -7,6 +7,7 @@ from pretrain.comm import world_info
 from pretrain.losses.distributed import all_reduce_sum_with_grad
 
 
+@torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
     """Codes [N, K] for this rank's scores [N, K] (cosines), equipartitioned over the samples of all ranks.
 

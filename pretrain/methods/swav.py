@@ -75,7 +75,6 @@ LOCAL = GLOBAL.replace(crop_scale=(0.05, 0.14))
 NUM_GLOBAL = 2   # crops_for_assign = [0, 1]
 
 
-@torch.no_grad()
 def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
     """scores [V, B, K] (every crop), codes [G, B, K] (crops 0..G-1) -> the mean over code crops i, other
     crops v != i and samples of the cross-entropy -sum_k q_i log softmax(p_v / T)."""
