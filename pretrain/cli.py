@@ -1,4 +1,4 @@
-"""`pretrain` command line: shards | train | slurm | export | eval | sample.
+"""`pretrain` command line: shards | train | slurm | export | eval | sample | attention.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit code 2.
 """
@@ -47,6 +47,14 @@ def cmd_export(a):
 
     out = export(a.run_dir, a.out, a.which)
     print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def cmd_attention(a):
+    from pretrain.evaluation.attention import draw_attention
+
+    r = draw_attention(a.run_dir, a.images, a.out, a.which, a.step, a.image_size, a.mean, a.scale)
+    print(f"wrote {r['out']}: {r['images']} image(s) x {r['heads']} head(s) of {r['model']} at {r['image_size']} px "
+          f"({r['pixels'][0]}x{r['pixels'][1]} px)")
 
 
 def _generative(path):
@@ -239,6 +247,18 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=None, help="DDPM/DDIM steps (default: method.sample_steps)")
     m.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="DDPM: default method.sampler")
     m.set_defaults(fn=cmd_sample)
+
+    at = sub.add_parser("attention", help="draw a ViT's last-layer CLS attention per head for a few images (docs/attention.md)")
+    at.add_argument("run_dir", help="run dir (newest checkpoint), a checkpoint, or a .safetensors from `pretrain export`")
+    at.add_argument("--images", nargs="+", required=True, help="image files, one row each")
+    at.add_argument("--out", required=True, help="PNG path")
+    at.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo: query or key)")
+    at.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
+    at.add_argument("--image-size", type=int, default=None, help="side the images are resized and cropped to "
+                    "(default: the training size; another one resamples the position embedding)")
+    at.add_argument("--mean", action="store_true", help="add a column with the mean over heads")
+    at.add_argument("--scale", type=int, default=None, help="each cell is image-size x scale px (default: max(1, 128 // image-size))")
+    at.set_defaults(fn=cmd_attention)
     return p
 
 
