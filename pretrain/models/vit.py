@@ -1,0 +1,114 @@
+"""Token-level access to timm Vision Transformers, for masked-image methods (iBOT, later MAE).
+
+`vit_tokens` runs timm's own stages of `VisionTransformer.forward_features` (patch_embed, _pos_embed,
+patch_drop, norm_pre, blocks, norm) and, between the patch embedding and the position embedding,
+replaces the embeddings of masked patches by a learned mask token (BEiT / iBOT:
+x = x * (1 - m) + mask_token * m). With no mask it returns exactly what `forward_features` returns, for
+any `VisionTransformer` (class token or not, register tokens, `no_embed_class`, `dynamic_img_size`).
+
+Under DeepSpeed ZeRO-3 the model's own parameters (cls_token, pos_embed, reg_token) are read here
+outside the model's forward; DeepSpeed's engine forward gathers such "external" parameters on access.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchDropout
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+
+from pretrain.models.backbone import ModelError
+
+
+def is_vit(model: nn.Module) -> bool:
+    """True for a timm VisionTransformer (or a model with its stages: patch_embed, blocks, _pos_embed, norm)."""
+    return isinstance(model, VisionTransformer) or all(hasattr(model, a) for a in ("patch_embed", "blocks", "_pos_embed", "norm"))
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(model, "pretrain_spec", {}).get("name") or type(model).__name__
+
+
+def _check_vit(model: nn.Module) -> None:
+    if not is_vit(model):
+        raise ValueError(f"token-level access needs a timm Vision Transformer, got '{_name(model)}' ({type(model).__name__}); "
+                         f"set model.name to a ViT such as vit_small_patch16_224")
+
+
+def patch_grid(model: nn.Module, image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(h, w): the patch grid `model` makes of `image_size` (an int side or (H, W)) px images, i.e. the
+    masks' layout; with dynamic_img_size any size works (dynamic_img_pad: partial patches count)."""
+    _check_vit(model)
+    pe = model.patch_embed
+    H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if getattr(pe, "strict_img_size", False) and pe.img_size is not None and tuple(pe.img_size) != (H, W):
+        raise ModelError(f"'{_name(model)}' is built for {tuple(pe.img_size)} px inputs, not {(H, W)}; "
+                         f"set model.kwargs.img_size={H if H == W else [H, W]} (or model.kwargs.dynamic_img_size=true)")
+    if hasattr(pe, "dynamic_feat_size"):
+        return tuple(pe.dynamic_feat_size((H, W)))
+    ph, pw = pe.patch_size
+    return H // ph, W // pw
+
+
+def _mask_embeddings(x: torch.Tensor, masks: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D] or [B, h, w, D] (NHWC) patch embeddings; masks [B, N] or [B, h, w]; mask_token [D] or
+    [1, 1, D] -> x with the masked patches' rows replaced by the mask token (its gradient flows)."""
+    B, D = x.shape[0], x.shape[-1]
+    if mask_token is None:
+        raise ValueError("vit_tokens got masks but no mask_token; pass mask_token=an nn.Parameter of shape [embed_dim]")
+    if masks.shape[0] != B or masks[0].numel() != x.shape[1:-1].numel():
+        raise ValueError(f"masks of shape {tuple(masks.shape)} do not fit {B} images of {x.shape[1:-1].numel()} patches; "
+                         f"build the masking with grid=patch_grid(model, image_size) for these images")
+    if mask_token.numel() != D:
+        raise ValueError(f"mask_token has {mask_token.numel()} elements, the ViT's embed_dim is {D}; make it shape [{D}]")
+    m = masks.to(device=x.device, dtype=torch.bool, non_blocking=True).reshape(x.shape[:-1]).unsqueeze(-1)  # [B, ..., 1]
+    return torch.where(m, mask_token.reshape(D).to(x.dtype), x)
+
+
+def vit_tokens(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+               mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The final normed tokens of a timm ViT, as `model.forward_features(images)`, with masked patches'
+    embeddings replaced by `mask_token` before the position embedding.
+
+    Args:
+        model: a timm VisionTransformer (see `is_vit`).
+        images: [B, 3, H, W].
+        masks: None, or bool [B, h*w] / [B, h, w] over the patch grid (`patch_grid(model, H)`), row-major;
+            True = masked. An all-False mask gives exactly the unmasked result.
+        mask_token: [D] or [1, 1, D] (an nn.Parameter of the method), required with masks.
+    Returns:
+        [B, P + h*w, D]: P = model.num_prefix_tokens prefix tokens (class token first, then register
+        tokens), then the patch tokens in row-major order (`split_tokens` separates them).
+    """
+    _check_vit(model)
+    x = model.patch_embed(images)                                  # [B, h*w, D], or [B, h, w, D] (dynamic_img_size)
+    if masks is not None:
+        drop = getattr(model, "patch_drop", None)
+        if isinstance(drop, PatchDropout) and drop.training and drop.prob > 0:
+            raise ValueError(f"'{_name(model)}' drops {drop.prob:.0%} of its patch tokens in training (patch_drop_rate), "
+                             f"so its outputs no longer line up with the mask; set model.kwargs.patch_drop_rate=0")
+        x = _mask_embeddings(x, masks, mask_token)
+    x = model._pos_embed(x)                                        # [B, P + h*w, D]
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"'{_name(model)}' ({type(model).__name__}) is not a plain timm VisionTransformer (its _pos_embed "
+                         f"returns {type(x).__name__}); use a vit_* / deit* model")
+    for stage in ("patch_drop", "norm_pre"):
+        x = getattr(model, stage, nn.Identity())(x)
+    if getattr(model, "grad_checkpointing", False) and not torch.jit.is_scripting():
+        x = checkpoint_seq(model.blocks, x)
+    else:
+        x = model.blocks(x)
+    return model.norm(x)
+
+
+def split_tokens(model: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, P + N, D] from `vit_tokens` -> (cls [B, D], patches [B, N, D]); patches exclude the
+    class and register tokens. Needs a class token (timm's class_token=True, global_pool='token')."""
+    _check_vit(model)
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError(f"'{_name(model)}' has no class token (class_token=False, global_pool="
+                         f"'{getattr(model, 'global_pool', '?')}'); set model.kwargs.class_token=true and "
+                         f"model.kwargs.global_pool=token")
+    return tokens[:, 0], tokens[:, model.num_prefix_tokens:]
