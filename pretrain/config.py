@@ -35,8 +35,10 @@ def _flat_keys(cfg, prefix="") -> List[str]:
 
 def _check_keys(base: DictConfig, update, source: str) -> None:
     valid = set(_flat_keys(base))
+    # values that may be schedule mappings (pretrain/schedules.py): the schedule parser checks their keys
+    schedulable = {f"method.{k}" for k in base.method.keys() if k != "name"} | {"optim.weight_decay"}
     for key in _flat_keys(update):
-        if key in valid or any(key.startswith(o + ".") for o in OPEN_KEYS):
+        if key in valid or any(key.startswith(o + ".") for o in OPEN_KEYS | schedulable):
             continue
         close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""

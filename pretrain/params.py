@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,26 @@ def boolean() -> Rule:
 
 
 def validate(cls, kwargs: Dict[str, Any]) -> None:
-    """Check `method.*` keys of `cls` against its declared `checks` (keys without a rule pass)."""
+    """Check `method.*` keys of `cls` against its declared `checks` (keys without a rule pass). A key the
+    method lists in `scheduled` may be a schedule mapping (pretrain/schedules.py): its `start` and `end`
+    must each pass the key's rule; a mapping for any other key is an error saying which keys can."""
+    from pretrain.config import ConfigError
+    from pretrain.schedules import Schedule
+
     checks = getattr(cls, "checks", {})
+    scheduled = getattr(cls, "scheduled", ())
     for key, value in kwargs.items():
-        if key in checks:
+        if isinstance(value, Mapping) or isinstance(value, Schedule):
+            if key not in scheduled:
+                can = f"these can: {', '.join(scheduled)}" if scheduled else "none of its keys can"
+                raise ConfigError(f"method.{key} cannot follow a schedule ({cls.__name__} reads it once, when it "
+                                  f"is built); give a single value ({can})")
+            try:
+                sched = Schedule.parse(value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"method.{key}: {e}") from None
+            if key in checks:
+                for end in ("start", "end"):
+                    checks[key].check(f"method.{key}.{end}", getattr(sched, end))
+        elif key in checks:
             checks[key].check(f"method.{key}", value)

@@ -11,6 +11,10 @@ from typing import Dict, List, Sequence
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 WORKERS = TESTS / "workers"
+#: registry-wide tests build methods that need a ViT (Method.requires_vit) on this one: 4x4 patches of 16 px,
+#: 2 blocks, any input size (multi-crop's local crops)
+SMALL_VIT = ["model.name=vit_tiny_patch16_224",
+             "model.kwargs={img_size: 16, patch_size: 4, depth: 2, dynamic_img_size: true, drop_path_rate: 0.0}"]
 
 
 def child_env(**extra) -> Dict[str, str]:

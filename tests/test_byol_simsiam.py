@@ -21,7 +21,7 @@ from pretrain.config import load_config
 from pretrain.engine.backends import DDPBackend
 from pretrain.engine.checkpoint import find_checkpoint
 from pretrain.methods import create_method
-from pretrain.schedules import warmup_cosine
+from pretrain.schedules import Schedule, warmup_cosine
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HEADS = {"byol": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32"],
@@ -74,7 +74,7 @@ def test_byol_loss_matches_a_float64_reference():
     m.train()
     views = _views()
     ref = copy.deepcopy(m).double()
-    loss = m.training_step(_batch(views))["loss"]
+    loss = m.training_step(_batch(views), m.step_context())["loss"]
     with torch.no_grad():
         p1, p2 = (ref.predictor(ref.projector(ref.backbone(v.double()))) for v in views)
         z1, z2 = (ref.key_projector(ref.key_backbone(v.double())) for v in views)
@@ -88,7 +88,7 @@ def test_simsiam_loss_matches_a_float64_reference():
     m.train()
     views = _views()
     ref = copy.deepcopy(m).double()
-    loss = m.training_step(_batch(views))["loss"]
+    loss = m.training_step(_batch(views), m.step_context())["loss"]
     with torch.no_grad():
         z1, z2 = (ref.projector(ref.backbone(v.double())) for v in views)
         p1, p2 = ref.predictor(z1), ref.predictor(z2)
@@ -119,7 +119,7 @@ def test_byol_target_gets_no_gradient_and_follows_the_cosine_tau():
     """Through the real backend: the target (key_backbone, key_projector) has no gradient and no optimizer
     moves it; after_step(k, K) moves it as target <- tau(k) target + (1 - tau(k)) online."""
     m, cfg = _method("byol")
-    assert (m.momentum, m.momentum_schedule) == (0.996, "cosine")
+    assert m.schedules["momentum"] == Schedule(0.996, 1.0, "cosine")
     be = DDPBackend(m, cfg, torch.device("cpu"))
     be.set_lr(0.5)
     target = {n: p for n, p in m.named_parameters() if n.startswith("key_")}
@@ -137,7 +137,7 @@ def test_byol_target_gets_no_gradient_and_follows_the_cosine_tau():
     K = 90
     for k in (0, 30, 45, 90):
         old = {n: p.detach().double().clone() for n, p in target.items()}
-        m.after_step(k, K)
+        m.after_step(m.step_context(k, K))
         tau = _tau(k, K)
         for n, p in target.items():
             want = tau * old[n] + (1 - tau) * online[n[len("key_"):]].detach().double()
@@ -178,7 +178,7 @@ def test_simsiam_stops_the_gradient_of_the_z_branch():
     m, _ = _method("simsiam")
     views = _views()
     ref = copy.deepcopy(m).double()
-    m.training_step(_batch(views))["loss"].backward()
+    m.training_step(_batch(views), m.step_context())["loss"].backward()
     got = torch.cat([p.grad.flatten().double() for p in m.parameters()])
 
     def ref_grad(stop):
@@ -259,7 +259,7 @@ def test_byol_resnet50_is_the_papers_1000_epoch_recipe():
     assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.weight_decay, c.optim.momentum,
             c.optim.trust_coefficient, c.optim.warmup_epochs, c.optim.min_lr) == (
         "lars", 0.2, "linear", 1.5e-6, 0.9, 1e-3, 10, 0.0)
-    assert (c.method.momentum, c.method.momentum_schedule, c.method.sync_bn) == (0.996, "cosine", True)
+    assert (c.method.momentum, c.method.sync_bn) == ({"shape": "cosine", "start": 0.996, "end": 1.0}, True)
     assert config_views(c) == BYOL
     m = create_method(c)
     assert m.cross_rank_exact

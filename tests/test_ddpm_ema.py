@@ -51,7 +51,7 @@ def test_noising_is_never_noise_free_with_a_bf16_batch():
     m.unet = _Recorder()
     torch.manual_seed(0)
     x0 = torch.zeros(16000, 3, 1, 1, dtype=torch.bfloat16)          # [B, 3, 1, 1]: enough draws to hit every t
-    loss = m.training_step({"views": [x0[None]]})["loss"]
+    loss = m.training_step({"views": [x0[None]]}, m.step_context())["loss"]
     x_t, t = m.unet.seen[0]
     assert set(t.tolist()) == set(range(1000))
     silent = sorted(set(t[(x_t == 0).flatten(1).any(1)].tolist()))
@@ -66,7 +66,7 @@ def test_unet_with_half_precision_weights_takes_fp32_inputs():
     for p in m.parameters():
         p.data = p.data.to(torch.bfloat16)
     x0 = (torch.randint(0, 256, (1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1)
-    loss = m.training_step({"views": [x0]})["loss"]
+    loss = m.training_step({"views": [x0]}, m.step_context())["loss"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in m.unet.parameters())

@@ -122,7 +122,7 @@ class _Regression(__import__("pretrain.methods", fromlist=["Method"]).Method):
         torch.manual_seed(0)
         super().__init__(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         return {"loss": ((self.backbone(batch["x"]) - batch["y"]) ** 2).mean()}
 
 

@@ -9,22 +9,31 @@ from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, load_config
 from pretrain.methods import METHODS, create_method
+from pretrain.params import validate
 
 GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
 #: keys where zero is meaningful: a momentum/EMA decay of 0 copies the online network, beta = 0 is a plain
 #: autoencoder, r1 = 0 turns the penalty off, CPC's context may be a single 1x1 conv
-ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"), ("cpc", "context_layers"), ("vae", "beta"),
+ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"), ("dino", "momentum"), ("ibot", "momentum"), ("cpc", "context_layers"), ("vae", "beta"),
            ("gan", "r1"), ("gan", "ema_decay"), ("ddpm", "ema_decay"),
            # SwAV: no local crops (its 2x224 variant), no queue, the queue from the start, no prototype freeze
            ("swav", "num_local_crops"), ("swav", "queue_length"), ("swav", "epoch_queue_starts"),
            ("swav", "freeze_prototypes_epochs"),
            # the papers' ablations that drop a term (Barlow Twins' lambda, VICReg's coefficients)
-           ("barlow_twins", "lambd"), ("vicreg", "sim_coeff"), ("vicreg", "std_coeff"), ("vicreg", "cov_coeff")}
+           ("barlow_twins", "lambd"), ("vicreg", "sim_coeff"), ("vicreg", "std_coeff"), ("vicreg", "cov_coeff"),
+           # DINO/iBOT: the centre without memory, no clipping, no freeze, no local crops, no KoLeo, a frozen patch
+           # embedding (MoCo v3's trick), no masking, the paper's loss ablations (iBOT lambda1/lambda2)
+           *[(m, k) for m in ("dino", "ibot") for k in ("center_momentum", "clip_grad", "freeze_last_layer",
+                                                         "num_local_crops", "koleo_weight", "patch_embed_lr_mult")],
+           ("ibot", "mask_prob"), ("ibot", "cls_weight"), ("ibot", "patch_weight")}
 
 
 def _cfg(name, key=None, value=None):
+    from helpers import SMALL_VIT
+
     cfg = load_config(None, ["data.train=unused", "model.name=resnet10t", "data.image_size=16", f"method.name={name}"]
-                      + (GEN if hasattr(METHODS.get(name), "sample") else []))
+                      + (GEN if hasattr(METHODS.get(name), "sample") else [])
+                      + (SMALL_VIT if METHODS.get(name).requires_vit else []))
     if key is not None:
         cfg.method[key] = value
     return cfg
@@ -46,6 +55,10 @@ def _sweep(key, default):
         return ["no_such_option"]
     if isinstance(default, (list, tuple)):
         return [[], [0], [-1]]
+    if isinstance(default, dict):   # a schedule (pretrain/schedules.py): a bad endpoint, a bad shape, an unknown key
+        start = default["start"]
+        return ([{**default, "start": v} for v in _sweep(key, start)] + [{**default, "end": v} for v in _sweep(key, start)]
+                + [{**default, "shape": "wiggly"}, {**default, "bogus": 1}, {k: v for k, v in default.items() if k != "start"}])
     raise AssertionError(f"no sweep for a default of type {type(default).__name__}")
 
 
@@ -61,8 +74,21 @@ def _refused(name, key, value):
 def test_every_key_has_a_rule_the_default_passes(name):
     cls = METHODS.get(name)
     assert set(cls.checks) == set(cls.defaults), f"{name}: keys without a rule: {set(cls.defaults) - set(cls.checks)}"
-    for key, value in cls.defaults.items():
-        cls.checks[key].check(key, value)
+    validate(cls, dict(cls.defaults))   # a scheduled key's default may be a schedule: its endpoints are checked
+    for key in cls.scheduled:
+        assert key in cls.defaults, f"{name}: scheduled key {key} has no default"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_a_schedule_for_a_key_read_once_is_refused(name):
+    """Only the keys a method lists in `scheduled` may be schedule mappings; any other is a one-line error."""
+    cls = METHODS.get(name)
+    once = [k for k, v in cls.defaults.items() if k not in cls.scheduled and isinstance(v, (int, float))
+            and not isinstance(v, bool)]
+    if not once:
+        pytest.skip(f"{name} has no numeric key read once")
+    msg = _refused(name, once[0], {"shape": "cosine", "start": cls.defaults[once[0]], "end": cls.defaults[once[0]]})
+    assert "cannot follow a schedule" in msg
 
 
 CASES = [(n, k, v) for n in METHODS.names() for k, rule in getattr(METHODS.get(n), "checks", {}).items() for v in rule.invalid]
@@ -73,8 +99,15 @@ def test_rule_examples_are_refused(name, key, value):
     _refused(name, key, value)
 
 
+def _zero(v) -> bool:
+    """v is 0, or a schedule with an endpoint 0."""
+    if isinstance(v, dict):
+        return v.get("start") == 0 or (v.get("end") == 0 and "start" in v)
+    return v == 0 and not isinstance(v, bool)
+
+
 SWEEP = [(n, k, v) for n in METHODS.names() for k, d in METHODS.get(n).defaults.items() for v in _sweep(k, d)
-         if not (v == 0 and not isinstance(v, bool) and (n, k) in ZERO_OK)]
+         if not (_zero(v) and (n, k) in ZERO_OK)]
 
 
 @pytest.mark.parametrize("name,key,value", SWEEP, ids=[f"{n}.{k}={v!r}" for n, k, v in SWEEP])

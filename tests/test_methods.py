@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from helpers import SMALL_VIT
 from pretrain.config import load_config
 from pretrain.data.views import view_groups
 from pretrain.engine.backends import place
@@ -24,15 +25,18 @@ def _batch(method, size=16, B=8):
         shape = (len(idx), B, 3, side, side)
         views.append(torch.randint(0, 256, shape, generator=g) / 127.5 - 1 if hasattr(method, "sample")
                      else torch.randn(shape, generator=g))
-    return {"views": views, "label": torch.zeros(B, dtype=torch.long)}
+    masks = {"masks": method.masking(B, g)} if method.masking is not None else {}
+    return {"views": views, "label": torch.zeros(B, dtype=torch.long), **masks}
 
 
 GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]   # generative methods model pixels in [-1, 1]
 
 
 def _small(name, *extra):
-    cfg = load_config(None, SMALL + [f"method.name={name}"] + (GEN if hasattr(METHODS.get(name), "sample") else [])
-                      + list(extra))
+    cls = METHODS.get(name)
+    small_head = ["method.out_dim=1024", "method.patch_out_dim=1024"] if name == "ibot" else []   # fast enough
+    cfg = load_config(None, SMALL + (SMALL_VIT if cls.requires_vit else []) + [f"method.name={name}"] + small_head
+                      + (GEN if hasattr(cls, "sample") else []) + list(extra))
     return cfg, create_method(cfg)
 
 
@@ -49,13 +53,13 @@ def test_registered_method_trains_and_exports(name):
         losses = []
         for _ in range(4):   # the same batch a few times: the loss must go down
             torch.manual_seed(1)
-            method.before_step(0, 10, 5)
-            loss = method(batch, phase)["loss"]
+            method.before_step(method.step_context(0, 10, 5))
+            loss = method(batch, method.step_context(0, 10, 5, phase=phase))["loss"]
             assert torch.isfinite(loss)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            method.after_step(1, 10)
+            method.after_step(method.step_context(1, 10))
             losses.append(loss.item())
         assert losses[-1] < losses[0], (phase, losses)
     if method.backbone is None:   # pixel-space generative models train no backbone
@@ -89,7 +93,7 @@ def test_registered_method_is_layout_agnostic(name):
         for m in (nchw, nhwc):
             m.zero_grad(set_to_none=True)
             torch.manual_seed(1)
-            loss = m(batch, phase)["loss"]
+            loss = m(batch, m.step_context(phase=phase))["loss"]
             loss.backward()
             out.append((loss.item(), {n: p.grad.flatten() for n, p in m.named_parameters() if p.grad is not None}))
         (la, ga), (lb, gb) = out
@@ -106,7 +110,7 @@ def test_vit_backbone_with_img_size_trains_under_simclr():
                              "model.kwargs.img_size=32", "model.kwargs.patch_size=8", "model.kwargs.depth=2",
                              "method.proj_hidden_dim=64"])
     method = create_method(cfg)
-    loss = method.training_step(_batch(method, size=32))["loss"]
+    loss = method.training_step(_batch(method, size=32), method.step_context())["loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert method.backbone.patch_embed.patch_size == (8, 8)

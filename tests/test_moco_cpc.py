@@ -13,6 +13,7 @@ from helpers import WORKERS, cli, tb_scalars, torchrun, train_overrides
 from pretrain.config import load_config
 from pretrain.engine.checkpoint import list_checkpoints
 from pretrain.losses import queue_info_nce
+from pretrain.schedules import Schedule
 from pretrain.methods import create_method
 from pretrain.methods.cpc import CPC
 from pretrain.methods.moco_v2 import MoCoV2
@@ -23,8 +24,10 @@ SMALL = ["data.train=unused", "model.name=resnet10t", "data.image_size=16"]
 
 def _moco(**kw):
     torch.manual_seed(0)
-    kw = {"proj_hidden_dim": 32, "proj_dim": 8, "queue_size": 10, "momentum": 0.9, **kw}
-    return MoCoV2(create_backbone("resnet10t"), **kw)
+    kw = {"proj_hidden_dim": 32, "proj_dim": 8, "queue_size": 10, **kw}
+    m = MoCoV2(create_backbone("resnet10t"), **kw)
+    m.schedules["momentum"] = Schedule(0.9)
+    return m
 
 
 # ------------------------------------------------------------------------------------------------ EMA
@@ -59,10 +62,12 @@ def test_ema_of_half_precision_weights_keeps_an_fp32_master():
 
 
 def test_momentum_schedules():
-    m = _moco(momentum=0.99, momentum_schedule="cosine")
-    assert m.momentum_at(0, 100) == pytest.approx(0.99) and m.momentum_at(100, 100) == pytest.approx(1.0)
-    assert m.momentum_at(50, 100) == pytest.approx(0.995)
-    assert _moco(momentum=0.99).momentum_at(50, 100) == 0.99
+    """method.momentum is a scheduled key: a cosine schedule reaches 1 at the last step, a number stays put."""
+    m = _moco()
+    m.schedules["momentum"] = Schedule.parse({"shape": "cosine", "start": 0.99, "end": 1.0})
+    assert m.step_context(0, 100)["momentum"] == pytest.approx(0.99) and m.step_context(100, 100)["momentum"] == pytest.approx(1.0)
+    assert m.step_context(50, 100)["momentum"] == pytest.approx(0.995)
+    assert _moco().step_context(50, 100)["momentum"] == 0.9
 
 
 # ------------------------------------------------------------------------------------------------ queue
@@ -190,11 +195,11 @@ def test_moco_v3_trains_a_vit():
     batch = {"views": [torch.randn(2, 8, 3, 16, 16)]}
     losses = []
     for step in range(3):
-        loss = m.training_step(batch)["loss"]
+        loss = m.training_step(batch, m.step_context())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        m.after_step(step + 1, 3)
+        m.after_step(m.step_context(step + 1, 3))
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert m.export_backbone("key") is m.key_backbone and m.export_backbone() is m.backbone
@@ -209,7 +214,7 @@ def test_cpc_context_is_causal_in_rows():
         (g,) = torch.autograd.grad(c[:, :, i].sum(), z, retain_graph=True)
         assert g[:, :, i + 1:].abs().max() == 0 if i < 4 else True
         assert g[:, :, i].abs().max() > 0
-    out = m.training_step({"views": [torch.randn(1, 4, 3, 24, 24)]})
+    out = m.training_step({"views": [torch.randn(1, 4, 3, 24, 24)]}, m.step_context())
     assert set(out) == {"loss", "loss_k1", "loss_k2"} and torch.isfinite(out["loss"])
 
 

@@ -109,7 +109,7 @@ class _Groups(Method):
                 {"params": list(self.b.parameters()), "weight_decay": 0.0, "lr_scale": 0.1},
                 {"params": list(self.c.parameters()), "weight_decay": 0.0, "fixed_lr": True}]
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         x = batch["x"]
         return {"loss": (self.a(x) + self.b(x) + self.c(x)).pow(2).mean()}
 

@@ -82,7 +82,7 @@ def test_loss_matches_a_float64_reference_sample_by_sample():
     _, m = small()
     views = global_batch(0)
     support = m.support.double().tolist()
-    loss = m.training_step(_batch(views))["loss"]
+    loss = m.training_step(_batch(views), m.step_context())["loss"]
     want = _nnclr_ref(*_encode64(m, views), support, m.temperature)
     assert 0 < want < 2 * math.log(8) + 1
     assert loss.item() == pytest.approx(want, rel=1e-5)
@@ -127,27 +127,27 @@ def test_support_set_updated_once_per_optimizer_step_with_every_micro_batch():
     start = m.support.clone()
     a, b = global_batch(0), global_batch(1)
     for views in (a, b):
-        m.training_step(_batch(views))
+        m.training_step(_batch(views), m.step_context())
         assert torch.equal(m.support, start) and m.support_ptr == 0
-    m.after_step(1, 10)
+    m.after_step(m.step_context(1, 10))
     want = torch.tensor([_unit(z) for views in (a, b) for z in _encode64(m, views)[0]], dtype=torch.float32)
     torch.testing.assert_close(m.support[:16], want, rtol=1e-5, atol=1e-5)
     assert torch.equal(m.support[16:], start[16:]) and m.support_ptr == 16
-    m.after_step(2, 10)                                                           # nothing new: no change
+    m.after_step(m.step_context(2, 10))                                                           # nothing new: no change
     assert m.support_ptr == 16
 
 
 def test_support_set_checkpoint_round_trip():
     _, m = small()
     for step in range(2):
-        m.training_step(_batch(global_batch(step)))
-        m.after_step(step + 1, 10)
+        m.training_step(_batch(global_batch(step)), m.step_context())
+        m.after_step(m.step_context(step + 1, 10))
     state = m.extra_state()
     _, fresh = small()
     fresh.load_extra_state(state)
     assert torch.equal(fresh.support, m.support) and fresh.support_ptr == m.support_ptr == 16
     views = global_batch(5)
-    assert fresh.training_step(_batch(views))["loss"].item() == m.training_step(_batch(views))["loss"].item()
+    assert fresh.training_step(_batch(views), fresh.step_context())["loss"].item() == m.training_step(_batch(views), m.step_context())["loss"].item()
     _, other = small("method.queue_size=32")
     with pytest.raises(ValueError, match="method.queue_size"):
         other.load_extra_state(state)
@@ -173,11 +173,11 @@ def test_random_start_only_serves_the_first_steps():
         with torch.no_grad():
             _, idx = m.nearest_neighbours(m.projector(m.backbone(v)))
         from_init.append((idx >= 256 * step).float().mean().item())   # rows not yet overwritten
-        loss = m.training_step(_batch(torch.stack([v, v + 0.1 * torch.randn(v.shape, generator=g)])))["loss"]
+        loss = m.training_step(_batch(torch.stack([v, v + 0.1 * torch.randn(v.shape, generator=g)])), m.step_context())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        m.after_step(step + 1, 10)
+        m.after_step(m.step_context(step + 1, 10))
     assert from_init[0] == 1.0 and from_init[1] < 1 and from_init[2:] == [0.0, 0.0], from_init
 
 
@@ -236,7 +236,7 @@ def test_two_ranks_equal_one_process_with_a_fixed_support_set(two_ranks):
     the whole batch; the mean of per-half losses (negatives from one rank only, BN per half) is another number."""
     _, m = small()
     views = global_batch(0)
-    loss = m.training_step(_batch(views))["loss"]
+    loss = m.training_step(_batch(views), m.step_context())["loss"]
     loss.backward()
     assert two_ranks["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     want = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
@@ -245,7 +245,8 @@ def test_two_ranks_equal_one_process_with_a_fixed_support_set(two_ranks):
         scale = max(g.abs().max().item(), 1e-12)
         torch.testing.assert_close(two_ranks["grads"][n], g, rtol=2e-4, atol=2e-4 * scale, msg=n)
     with torch.no_grad():
-        halves = [small()[1].training_step(_batch(views[:, i * 4:(i + 1) * 4]))["loss"].item() for i in range(2)]
+        halves = [(h := small()[1]).training_step(_batch(views[:, i * 4:(i + 1) * 4]), h.step_context())["loss"].item()
+                  for i in range(2)]
     assert abs(sum(halves) / 2 - loss.item()) > 1e-3
 
 
@@ -261,7 +262,7 @@ def test_support_set_identical_on_every_rank_and_equal_to_one_process(two_ranks)
         with be.accumulate(last=True):
             be.backward(be.forward(_batch(global_batch(step)))["loss"])
         be.step()
-        m.after_step(step + 1, STEPS)
+        m.after_step(m.step_context(step + 1, STEPS))
         (s0, p0), (s1, p1) = two_ranks["support"][step]
         assert torch.equal(s0, s1) and p0 == p1 == (8 * (step + 1)) % 24
         # step 1 is one forward; later steps follow float32 rounding amplified by SGD steps (measured max

@@ -68,11 +68,16 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(ranks, name):
     if name not in res:
         pytest.skip("not in RANK_TEST_METHODS")
     _, method = build(name)
-    method.before_step(10, 20, 5)   # as the ranks: past any warm-up freeze, so every parameter has a gradient
-    loss = method({"views": data[name]})["loss"]
+    method.before_step(method.step_context(10, 20, 5))   # as the ranks: past any warm-up freeze, so every parameter has a gradient
+    loss = method(data[name])["loss"]
     loss.backward()
     got = res[name]
     assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    # tensors of extra_state the step updated (DINO/iBOT's centres: all-reduced, so the 2-rank centre is the big batch's)
+    extra = {k: v for k, v in method.extra_state().items() if torch.is_tensor(v)}
+    assert set(got["extra"]) == set(extra)
+    for k, v in extra.items():
+        _close(got["extra"][k], v, f"{backend} {name} extra_state[{k}]")
     want = {n: p.grad for n, p in method.named_parameters() if p.requires_grad}
     assert set(got["grads"]) == set(want)
     for n, g in want.items():
@@ -96,7 +101,7 @@ def _train(tmp_path_factory, shards, name, backend):
     ov = {"data.train": f"{shards}/train", "data.val": "null", "run_dir": run_dir, "model.name": "resnet10t",
           "data.image_size": 16, "train.global_batch_size": 16, "train.max_steps": 3, "data.num_workers": 0,
           "data.shuffle_buffer": 64, "log.every_steps": 1, "log.progress": "false", "train.channels_last": "false",
-          "optim.name": "sgd", "optim.warmup_steps": 1, "method.momentum": 0.5, "method.momentum_schedule": "constant",
+          "optim.name": "sgd", "optim.warmup_steps": 1, "method.momentum": 0.5,
           "train.backend": "deepspeed" if backend == "zero3" else "ddp", "deepspeed.zero_stage": 3}
     torchrun("-m", "pretrain.cli", "train", config_path(name), *[f"{k}={v}" for k, v in ov.items()], timeout=600,
              check=True)

@@ -189,7 +189,7 @@ def test_moco_v3_runs_each_view_through_its_own_forward():
     first_bn = next(x for x in m.backbone.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm))
     key_bn = next(x for x in m.key_backbone.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm))
     hooks = [bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0])) for bn in (first_bn, key_bn)]
-    loss = m.training_step({"views": [torch.stack([v1, v2])]})["loss"]
+    loss = m.training_step({"views": [torch.stack([v1, v2])]}, m.step_context())["loss"]
     for h in hooks:
         h.remove()
     assert seen == [B] * 4                                            # 2 views x (query, key) encoder
@@ -217,7 +217,7 @@ def test_stop_grad_conv1_freezes_the_patch_projection():
         be.backward(be.forward(batch)["loss"])
     assert proj.weight.grad is None and proj.bias.grad is None
     be.step()
-    m.after_step(1, 10)
+    m.after_step(m.step_context(1, 10))
     params = dict(m.named_parameters())
     for name in ("backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias"):
         assert torch.equal(params[name], before[name]), name
@@ -270,8 +270,7 @@ def test_moco_v2_resnet50_is_the_papers_recipe():
     assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.weight_decay, c.optim.momentum) == (
         "sgd", 0.03, "linear", 1e-4, 0.9)
     assert c.optim.warmup_epochs == 0 and c.optim.warmup_steps is None
-    assert (c.method.temperature, c.method.queue_size, c.method.momentum, c.method.momentum_schedule) == (
-        0.2, 65536, 0.999, "constant")
+    assert (c.method.temperature, c.method.queue_size, c.method.momentum) == (0.2, 65536, 0.999)
     assert (c.method.proj_hidden_dim, c.method.proj_dim, c.method.proj_bn) == (2048, 128, False)
     assert _views(c) == [MOCO_V2, MOCO_V2]
 
@@ -287,8 +286,7 @@ def test_moco_v3_vit_small_is_the_papers_recipe():
     assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.weight_decay, c.optim.warmup_epochs) == (
         "adamw", 1.5e-4, "linear", 0.1, 40)
     assert list(c.optim.betas) == [0.9, 0.999]
-    assert (c.method.temperature, c.method.momentum, c.method.momentum_schedule, c.method.stop_grad_conv1) == (
-        0.2, 0.99, "cosine", True)
+    assert (c.method.temperature, c.method.momentum, c.method.stop_grad_conv1) == (0.2, {"shape": "cosine", "start": 0.99, "end": 1.0}, True)
     assert (c.method.proj_layers, c.method.proj_hidden_dim, c.method.proj_dim, c.method.pred_hidden_dim,
             c.method.pred_last_bn) == (3, 4096, 256, 4096, True)
     assert _views(c) == MOCO_V3
@@ -303,7 +301,7 @@ def test_moco_v3_resnet50_is_the_official_300_epoch_recipe():
     assert (c.train.global_batch_size, c.train.epochs) == (4096, 300)
     assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.weight_decay, c.optim.momentum,
             c.optim.warmup_epochs) == ("lars", 0.3, "linear", 1e-6, 0.9, 10)
-    assert (c.method.temperature, c.method.momentum, c.method.momentum_schedule) == (1.0, 0.99, "cosine")
+    assert (c.method.temperature, c.method.momentum) == (1.0, {"shape": "cosine", "start": 0.99, "end": 1.0})
     assert (c.method.proj_layers, c.method.proj_hidden_dim, c.method.proj_dim, c.method.pred_hidden_dim,
             c.method.pred_last_bn, c.method.stop_grad_conv1) == (2, 4096, 256, 4096, False, False)
     assert _views(c) == [{**v, "crop_scale": (0.2, 1.0)} for v in MOCO_V3]

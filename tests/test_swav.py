@@ -144,7 +144,7 @@ def test_prototypes_frozen_for_the_first_epoch_under_the_engine_step(optim):
     protos, proj = [m.prototypes.weight.detach().clone()], [m.projector[0].weight.detach().clone()]
     for step in range(3):
         be.set_lr(0.05)
-        m.before_step(step, 3, 2)
+        m.before_step(m.step_context(step, 3, 2))
         with be.accumulate(last=True):
             be.backward(be.forward(_batch(step))["loss"])
         be.step()
@@ -171,12 +171,12 @@ def test_queue_filled_from_global_crops_used_once_full_and_checkpointed():
     it exactly, so the resumed method computes the same loss."""
     _, m = _swav("method.queue_length=8", "method.epoch_queue_starts=1")
     assert m.cross_rank_exact is False
-    m.before_step(1, 10, 2)                                          # epoch 0: no queue yet
+    m.before_step(m.step_context(1, 10, 2))                                          # epoch 0: no queue yet
     m(_batch(1))
     assert m.queue is None
     seen = []
     for step in (2, 3):                                              # epoch 1: filled, not yet used
-        m.before_step(step, 10, 2)
+        m.before_step(m.step_context(step, 10, 2))
         with torch.no_grad():
             z = m.embed(_batch(step)["views"])[:2]
         out = m(_batch(step))["loss"]
@@ -185,7 +185,7 @@ def test_queue_filled_from_global_crops_used_once_full_and_checkpointed():
         seen.append(z)
     torch.testing.assert_close(m.queue[:, 4:], seen[0], rtol=1e-5, atol=1e-6)
     # step 4: the queue is full, so its scores join the batch's before Sinkhorn, and only the batch's codes count
-    m.before_step(4, 10, 2)
+    m.before_step(m.step_context(4, 10, 2))
     state = copy.deepcopy(m.extra_state())
     resumed = copy.deepcopy(m)
     resumed.queue, resumed.queue_filled = None, 0

@@ -22,7 +22,8 @@ def build_train_loader(cfg, method, local_batch: int, batches_per_epoch: int, ra
         raise DataError(f"data.augment_on must be auto, worker or device, got {where!r}")
     in_worker = where == "worker" or (where == "auto" and torch.device(device).type != "cuda")
     ds = ResampledBatches(sources, local_batch, batches_per_epoch, aug, len(aug), in_worker, cfg.seed, rank,
-                          cfg.data.shuffle_buffer, check_max_image_pixels(cfg.data.max_image_pixels))
+                          cfg.data.shuffle_buffer, check_max_image_pixels(cfg.data.max_image_pixels),
+                          getattr(method, "masking", None))
     return TrainLoader(ds, cfg.data.num_workers, torch.device(device))
 
 

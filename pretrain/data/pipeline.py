@@ -229,15 +229,16 @@ class ResampledBatches(IterableDataset):
     worker, how many samples of its stream the batches before `start` read; None: none) before
     iterating. Batch b is made by logical worker b % W from its own stream. Each batch:
     {"views": per view size, [V_g, B, 3, S_g, S_g] (uint8, or float if `photometric_in_worker`; views.view_groups),
-    "label": [B], "seed": int,
+    "label": [B], "seed": int, "masks": [M, B, N] bool (only with `masking`: the method's masks, drawn after the views),
     "epoch": int, "index": int, "consumed": int (samples of the worker's stream read so far),
     "skipped": int, "unreadable": [[url, reason], ...] (shards this worker found unreadable since its last batch)}.
     """
 
     def __init__(self, sources: List[Source], batch_size: int, batches_per_epoch: int, augment, num_views: int,
                  photometric_in_worker: bool, seed: int, rank: int, shuffle_buffer: int = 1000,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, masking=None):
         self.sources, self.batch_size, self.batches_per_epoch = sources, batch_size, batches_per_epoch
+        self.masking = masking   # Method.masking: (batch_size, generator) -> masks, from the batch's generator
         # one augmenter per view (views.MultiViewAugment), or one for all `num_views` views
         self.augment = augment if isinstance(augment, MultiViewAugment) else MultiViewAugment([augment] * num_views)
         self.num_views, self.photometric_in_worker = len(self.augment), photometric_in_worker
@@ -300,10 +301,11 @@ class ResampledBatches(IterableDataset):
                     v.append(crop)
                 labels.append(label)
             x = self.augment.stack(views)                                  # per size: [V_g, B, 3, S_g, S_g] uint8
+            masks = {"masks": self.masking(len(labels), g)} if self.masking is not None else {}
             if self.photometric_in_worker:
                 x = self.augment.photometric(x, g)
             yield {"views": x, "label": torch.tensor(labels), "seed": bseed, "epoch": self.epoch, "index": b,
-                   "consumed": pos, "skipped": counter.count - reported, "unreadable": unreadable[sent:]}
+                   "consumed": pos, "skipped": counter.count - reported, "unreadable": unreadable[sent:], **masks}
             reported, sent = counter.count, len(unreadable)
 
 
@@ -374,6 +376,8 @@ class TrainLoader:
                     views = ds.augment.photometric(views, g)
                 batch["views"] = views
                 batch["label"] = batch["label"].to(self.device, non_blocking=True)
+                if "masks" in batch:
+                    batch["masks"] = batch["masks"].to(self.device, non_blocking=True)
                 yield batch
             epoch, ds.start, ds.consumed = epoch + 1, 0, None
             self._consumed = [0] * self.workers

@@ -1,8 +1,10 @@
 """Training backends: the one place that knows whether DDP or DeepSpeed runs the model.
 
-The loop only calls: `phase(name)`, `accumulate(last)`, `forward(batch, phase)`, `backward(loss)`,
-`step(phase, need_norm)`, `set_lr(lr, peak)`, `save(path, client_state)` and `load(path)`. `module` is the bare
-method for hooks and eval.
+The loop only calls: `phase(name)`, `accumulate(last)`, `forward(batch, ctx)`, `backward(loss)`,
+`step(ctx, need_norm)`, `set_lr(lr, peak, weight_decay)`, `save(path, client_state)` and `load(path)`. `module`
+is the bare method for hooks and eval. `step` runs the method's `on_gradients(ctx, grads)` hook between the
+last backward and the optimizer step, with a `Gradients` view that reads and writes full gradients under
+either backend.
 
 Methods with several optimizer phases per step (a GAN's D and G steps, `Method.phases`) get one
 optimizer per phase, and inside `phase(name)` only that phase's parameters require gradients, so a
@@ -46,10 +48,62 @@ def group_lr(group: dict, lr: float, peak: float) -> float:
     return (peak if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
 
 
-def set_group_lrs(optimizers, lr: float, peak: float) -> None:
+def set_group_lrs(optimizers, lr: float, peak: float, weight_decay: Optional[float] = None) -> None:
+    """Every group's LR (group_lr) and, when given, its weight decay: optim.weight_decay's value at this step
+    times the group's `wd_mult` (what Method.param_groups gave it for a weight decay of 1)."""
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = group_lr(g, lr, peak)
+            if weight_decay is not None:
+                g["weight_decay"] = g.get("wd_mult", 1.0) * weight_decay
+
+
+def build_optimizers(method, cfg) -> dict:
+    """One optimizer per phase over `method.param_groups`, each group's weight decay recorded relative to
+    optim.weight_decay (`wd_mult`) so that a weight-decay schedule can set it every step."""
+    from pretrain.schedules import Schedule
+
+    wd0 = Schedule.parse(cfg.optim.weight_decay).start
+    out = {}
+    for p in method.phases:
+        groups = [{**g, "wd_mult": g.get("weight_decay", 1.0)} for g in method.param_groups(1.0, p)]
+        out[p] = build_optimizer([{**g, "weight_decay": g["wd_mult"] * wd0} for g in groups], cfg.optim)
+    return out
+
+
+class Gradients:
+    """Full (unpartitioned, unscaled) gradients between the backward and the optimizer step, for
+    `Method.on_gradients`: plain `.grad` under DDP; under DeepSpeed its `safe_get_full_grad` /
+    `safe_set_full_grad`, which reach ZeRO's partitioned fp32 gradient buffers (a collective under ZeRO-3:
+    every rank must make the same calls)."""
+
+    def __init__(self, deepspeed: bool = False):
+        self.deepspeed = deepspeed
+
+    def get(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            return safe_get_full_grad(p)
+        return p.grad
+
+    def set(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        if self.deepspeed:
+            from deepspeed.utils import safe_set_full_grad
+
+            safe_set_full_grad(p, value)
+        elif p.grad is None:
+            p.grad = value.to(p.dtype).clone()
+        else:
+            p.grad.copy_(value)
+
+    def zero_(self, params) -> None:
+        """Zero gradients: with zero weight decay (or an AdamW state that is still zero) the parameters stay put."""
+        for p in params:
+            if self.deepspeed:
+                self.set(p, torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape, device=p.device))
+            elif p.grad is not None:
+                p.grad.zero_()
 
 
 def _cast(x, dtype):
@@ -126,8 +180,7 @@ class DDPBackend(_Phases):
             self.model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.optimizers = {p: build_optimizer(method.param_groups(cfg.optim.weight_decay, p), cfg.optim)
-                           for p in method.phases}
+        self.optimizers = build_optimizers(method, cfg)
         self.dtype = _precision(cfg)
         self.scalers = {p: torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16) for p in method.phases}
         self._phase = method.phases[0]
@@ -138,22 +191,26 @@ class DDPBackend(_Phases):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def forward(self, batch, phase: str = "main"):
+    def forward(self, batch, ctx=None):
+        ctx = ctx or self.module.step_context(phase=self._phase)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.model(batch) if phase == "main" else self.model(batch, phase)
+            return self.model(batch, ctx)
 
     def backward(self, loss):
         self.scalers[self._phase].scale(loss / self.accum).backward()
 
-    def step(self, phase: str = "main", need_norm: bool = True) -> Optional[torch.Tensor]:
-        """Average gradients (several phases), clip (when train.clip_grad > 0) and step `phase`'s
-        optimizer. Returns the global grad norm, or None when nothing needed it: without clipping
-        it is only computed for steps that log it."""
+    def step(self, ctx=None, need_norm: bool = True) -> Optional[torch.Tensor]:
+        """Average gradients (several phases), run the method's on_gradients hook, clip (when
+        train.clip_grad > 0) and step the optimizer of `ctx.phase`. Returns the global grad norm, or None
+        when nothing needed it: without clipping it is only computed for steps that log it."""
+        ctx = ctx or self.module.step_context(phase=self._phase)
+        phase = ctx.phase
         opt, scaler = self.optimizers[phase], self.scalers[phase]
         params = [p for g in opt.param_groups for p in g["params"]]
         if not self.ddp:
             all_reduce_grads(params)
         scaler.unscale_(opt)
+        self.module.on_gradients(ctx, Gradients())
         norm = None
         if self.clip > 0 or need_norm:
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
@@ -165,8 +222,8 @@ class DDPBackend(_Phases):
                 dist.broadcast(b, 0)
         return norm
 
-    def set_lr(self, lr: float, peak: Optional[float] = None):
-        set_group_lrs(self.optimizers.values(), lr, lr if peak is None else peak)
+    def set_lr(self, lr: float, peak: Optional[float] = None, weight_decay: Optional[float] = None):
+        set_group_lrs(self.optimizers.values(), lr, lr if peak is None else peak, weight_decay)
 
     def eval_module(self):
         """The method to run evaluation forwards on, outside the training wrapper."""
@@ -302,8 +359,7 @@ class DeepSpeedBackend(_Phases):
             convert_to_fp32_bn(method)
         method.to(device)
         self.engines = {}
-        for p in method.phases:
-            optimizer = build_optimizer(method.param_groups(cfg.optim.weight_decay, p), cfg.optim)
+        for p, optimizer in build_optimizers(method, cfg).items():
             self.engines[p], _, _, _ = deepspeed.initialize(model=method.phase_module(p), optimizer=optimizer,
                                                             config=self.config)
         self.single = len(method.phases) == 1
@@ -316,22 +372,30 @@ class DeepSpeedBackend(_Phases):
     def accumulate(self, last: bool):
         return contextlib.nullcontext()   # DeepSpeed tracks the accumulation boundary itself
 
-    def forward(self, batch, phase: str = "main"):
+    def forward(self, batch, ctx=None):
+        ctx = ctx or self.module.step_context(phase=self._phase)
         if self.dtype is not None and not self.module.casts_inputs:   # bf16/fp16 weights: feed matching inputs
             batch = {k: _cast(v, self.dtype) for k, v in batch.items()}
-        return self.model(batch) if self.single else self.module(batch, phase)
+        return self.model(batch, ctx) if self.single else self.module(batch, ctx)
 
     def backward(self, loss):
         engine = self.engines[self._phase]
+        boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(loss)   # scales by 1/grad_accum
-        engine.step()           # only steps at the accumulation boundary
+        if not boundary:        # DeepSpeed counts micro-steps in step(); the boundary's step() waits for step()
+            engine.step()
 
-    def step(self, phase: str = "main", need_norm: bool = True) -> torch.Tensor:
-        norm = self.engines[phase].get_global_grad_norm()   # DeepSpeed computes it anyway
+    def step(self, ctx=None, need_norm: bool = True) -> torch.Tensor:
+        """The method's on_gradients hook on the accumulated gradients, then the engine's (clipping) step."""
+        ctx = ctx or self.module.step_context(phase=self._phase)
+        engine = self.engines[ctx.phase]
+        self.module.on_gradients(ctx, Gradients(deepspeed=True))
+        engine.step()
+        norm = engine.get_global_grad_norm()   # DeepSpeed computes it anyway
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 
-    def set_lr(self, lr: float, peak: Optional[float] = None):
-        set_group_lrs([e.optimizer for e in self.engines.values()], lr, lr if peak is None else peak)
+    def set_lr(self, lr: float, peak: Optional[float] = None, weight_decay: Optional[float] = None):
+        set_group_lrs([e.optimizer for e in self.engines.values()], lr, lr if peak is None else peak, weight_decay)
 
     def _stage3(self) -> bool:
         return self.config["zero_optimization"].get("stage", 0) == 3

@@ -1,8 +1,9 @@
 """The training loop, one for every method and backend. Read it top to bottom:
 
-    setup -> resume -> for each step: schedule (LR, method.before_step) -> for each optimizer phase
-          (one for most methods; D then G for a GAN): forward -> backward (x grad_accum) -> clip+step
-          -> after-step hook (EMA etc.) -> log -> samples / kNN monitor -> checkpoint
+    setup -> resume -> for each step: schedules (LR, weight decay, the method's `scheduled` keys) into a
+          StepContext -> method.before_step(ctx) -> for each optimizer phase (one for most methods; D then
+          G for a GAN): forward(batch, ctx) -> backward (x grad_accum) -> method.on_gradients -> clip+step
+          -> method.after_step(ctx) (EMA etc.) -> log -> samples / kNN monitor -> checkpoint
           (-> on a preemption signal: checkpoint, requeue, stop)
 
 `train()` sets up and resumes; `_loop()` is the loop. Around it, `Preemption` turns SIGUSR1/SIGTERM
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from pretrain import comm
 from pretrain import dist as pdist
@@ -27,7 +29,7 @@ from pretrain.engine.backends import create_backend, deepspeed_config
 from pretrain.engine.checkpoint import Checkpointer, claim_run_dir
 from pretrain.engine.faults import Preemption, Watchdog, default_store
 from pretrain.engine.logger import RunLogger, log, setup_text_log
-from pretrain.schedules import scaled_lr, warmup_cosine
+from pretrain.schedules import Schedule, scaled_lr
 from pretrain.evaluation import extract_features, knn_accuracy
 from pretrain.methods import create_method
 from pretrain.models import convert_sync_bn
@@ -49,8 +51,16 @@ def plan(cfg, world: int) -> dict:
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
     if cfg.train.backend == "deepspeed":   # its config's contradictions with ours, before anything is built
         deepspeed_config(cfg, world)
+    lr = scaled_lr(cfg.optim.lr, gb, cfg.optim.lr_scaling)
+    try:
+        wd = Schedule.parse(OmegaConf.to_object(cfg.optim.weight_decay) if OmegaConf.is_config(cfg.optim.weight_decay)
+                            else cfg.optim.weight_decay)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optim.weight_decay: {e}") from None
     return dict(local_batch=local_batch, steps_per_epoch=steps_per_epoch, total=total,
-                warmup=min(warmup, total), lr=scaled_lr(cfg.optim.lr, gb, cfg.optim.lr_scaling))
+                warmup=min(warmup, total), lr=lr, schedules={
+                    "lr": Schedule(lr, cfg.optim.min_lr, "cosine", warmup_steps=min(warmup, total)),
+                    "weight_decay": wd})
 
 
 def memory_mb(device) -> float:
@@ -70,7 +80,8 @@ def knn_monitor(backend, cfg) -> float:
     for spec, key in ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")):
         loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key,
                              max_image_pixels=cfg.data.max_image_pixels)
-        out.append(extract_features(model.features, loader, backend.device, cfg.data.mean, cfg.data.std, backend.dtype))
+        out.append(extract_features(lambda x: model.features(x, cfg.eval.which), loader, backend.device,
+                                    cfg.data.mean, cfg.data.std, backend.dtype))
     model.train(was_training)
     if world > 1:   # gather everyone's features on every rank
         parts = comm.all_gather_object(out)
@@ -161,13 +172,16 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
     multi = len(method.phases) > 1
     for step in range(start, p["total"]):
         watch.mark(step, "step")
-        lr = warmup_cosine(step, p["total"], p["lr"], p["warmup"], cfg.optim.min_lr)
-        backend.set_lr(lr, p["lr"])
-        method.before_step(step, p["total"], p["steps_per_epoch"])
+        engine_values = {k: s(step, p["total"], p["steps_per_epoch"]) for k, s in p["schedules"].items()}
+        ctx = method.step_context(step, p["total"], p["steps_per_epoch"], **engine_values)
+        lr = ctx["lr"]
+        backend.set_lr(lr, p["lr"], ctx["weight_decay"])
+        method.before_step(ctx)
         done = step + 1
         log_now = done % cfg.log.every_steps == 0 or done == p["total"]
         micro, step_losses, norms = [], {}, {}
         for phase in method.phases:
+            pctx = ctx.with_phase(phase)
             with backend.phase(phase):
                 for i in range(acc):
                     if i < len(micro):    # a later phase of a multi-phase step: the same micro-batches
@@ -181,13 +195,13 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
                         if multi:
                             micro.append(batch)
                     with backend.accumulate(last=i == acc - 1):
-                        losses = backend.forward(batch, phase)
+                        losses = backend.forward(batch, pctx)
                         backend.backward(losses["loss"])
                     for k, v in losses.items():   # summed on the device: no host sync here
                         key = f"{phase}/{k}" if multi else k
                         step_losses[key] = step_losses.get(key, 0) + v.detach().float()
-                norms[phase] = backend.step(phase, need_norm=log_now)
-        method.after_step(done, p["total"])
+                norms[phase] = backend.step(pctx, need_norm=log_now)
+        method.after_step(ctx)
         names = list(step_losses)
         detached = torch.stack([step_losses[k] for k in names])
         losses_sum = detached if losses_sum is None else losses_sum + detached
@@ -207,6 +221,7 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
                            data_wait_frac=wait / elapsed, memory_mb=memory_mb(device),
                            skipped_samples=round(skipped * env.world_size))
             logger.scalars(done, metrics)
+            logger.scalars(done, {k: v for k, v in ctx.values.items() if k != "lr"}, prefix="schedule/")
             losses_sum, n_logged, wait, t_last = None, 0, 0.0, time.perf_counter()
         if cfg.log.sample_every_steps and hasattr(method, "sample") and (
                 done % cfg.log.sample_every_steps == 0 or done == p["total"]):

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
 from pretrain.params import validate
+from pretrain.schedules import Schedule
 
 # every module of this package is imported, which registers its methods: a new method is one new file
 for _m in pkgutil.iter_modules(__path__):
@@ -20,7 +21,8 @@ def create_method(cfg) -> Method:
     """Build the method named by `cfg.method.name` around `create_backbone(cfg.model...)`.
 
     `cfg` is the resolved run config (pretrain.config.load_config); the method's constructor
-    receives its own `method.*` keys as keyword arguments, plus `image_size=cfg.data.image_size`
+    receives its own `method.*` keys as keyword arguments (except those it lists in `scheduled`: they become
+    `method.schedules` and reach its hooks through the step context), plus `image_size=cfg.data.image_size`
     when it takes one (CPC, to lay out its patch grid).
     """
     from pretrain.config import ConfigError
@@ -36,7 +38,9 @@ def create_method(cfg) -> Method:
     if mean_std and (list(cfg.data.mean) != [mean_std[0]] * 3 or list(cfg.data.std) != [mean_std[1]] * 3):
         raise ConfigError(f"method.name={cfg.method.name} models pixels in [-1, 1]: set data.mean=[0.5,0.5,0.5] "
                           f"data.std=[0.5,0.5,0.5] (see configs/digits_{cfg.method.name}.yaml)")
+    scheduled = {k: Schedule.parse(kwargs.pop(k)) for k in cls.scheduled if k in kwargs}   # read through ctx only
     method = cls(backbone, **kwargs)
+    method.schedules.update(scheduled)
     check_input_size(backbone, method.backbone_input_size(cfg.data.image_size), cfg.model.name)
     return method
 

@@ -81,7 +81,7 @@ class BarlowTwins(Method):
                 g["lr_scale"] = self.bias_lr_scale
         return groups
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                                   # each [B, 3, H, W]
         z1, z2 = (self.bn(self.projector(self.backbone(v))) for v in (v1, v2))   # [B, D] each, per-view BN
         loss, on_diag, off_diag = barlow_twins_loss(cross_correlation(z1, z2), self.lambd)

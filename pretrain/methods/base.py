@@ -4,6 +4,13 @@ A method is an nn.Module that owns a backbone plus whatever heads it needs, and 
 losses from `training_step(batch)`; the engine backpropagates `losses["loss"]` and logs the rest.
 `forward` is `training_step`, so DDP and DeepSpeed wrappers see the whole method.
 
+Every hook gets the step's `StepContext` (pretrain/schedules.py): `ctx.step`, `ctx.epoch`, `ctx.phase` and
+ctx[name], the value at this step of each hyper-parameter the method lists in `scheduled` (config: a
+number or a schedule mapping), so one signature serves every method:
+
+    before_step(ctx) -> training_step(batch, ctx) -> backward -> on_gradients(ctx, grads) -> optimizer step
+    -> after_step(ctx)
+
 batch["views"] holds the views the method declares (`views`), one tensor per view size, in declared
 order: [V_g, B, 3, S_g, S_g] each (pretrain/data/views.py). A two-view method of one size unpacks
 `v1, v2 = batch["views"][0]`; a multi-crop method runs its backbone once per tensor.
@@ -11,13 +18,14 @@ order: [V_g, B, 3, S_g, S_g] each (pretrain/data/views.py). A two-view method of
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
 from pretrain.data.views import ViewSpec
 from pretrain.models.ema import EMA
+from pretrain.schedules import Schedule, StepContext
 
 
 def split_views(batch) -> List[torch.Tensor]:
@@ -35,6 +43,31 @@ def no_weight_decay_names(module: nn.Module) -> Set[str]:
     return out
 
 
+def rule_groups(module: nn.Module, weight_decay: float, no_decay: Callable[[str, nn.Parameter], bool],
+                lr_scale: Optional[Callable[[str], float]] = None) -> List[dict]:
+    """Parameter groups by rule: the trainable parameters of `module` split by (decayed or not, LR scale).
+    `no_decay(name, p)`: no weight decay (and no LARS adaptation); `lr_scale(name)`: a factor on the scheduled
+    LR (layer-wise decay, DINOv2's patch-embedding multiplier). Groups in first-seen order."""
+    groups: Dict[Tuple[bool, float], dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain, scale = no_decay(name, p), lr_scale(name) if lr_scale else 1.0
+        g = groups.setdefault((plain, scale), {"params": [], "weight_decay": 0.0 if plain else weight_decay,
+                                               **({"lars_exclude": True} if plain else {}),
+                                               **({"lr_scale": scale} if scale != 1.0 else {})})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def vit_layer_ids(vit: nn.Module) -> Dict[str, int]:
+    """Parameter name -> depth for layer-wise LR decay of a timm model (its `group_matcher`, as timm's
+    param_groups_layer_decay): 0 for the embeddings, i for block i-1, the largest for the final norm/head."""
+    from timm.models import group_parameters
+
+    return group_parameters(vit, vit.group_matcher(coarse=False), reverse=True)
+
+
 class _ViewCount:
     """`num_views` = len(views), read on the class or on an instance (whose `views` may be its own)."""
 
@@ -45,6 +78,12 @@ class _ViewCount:
 class Method(nn.Module):
     #: hyper-parameters (config `method.*`) with defaults; the config rejects keys not listed here
     defaults: Dict = {}
+    #: the keys of `defaults` whose value may follow a schedule of the step (pretrain/schedules.py). They
+    #: reach the method only through ctx[key] in its hooks, never as constructor arguments
+    scheduled: Tuple[str, ...] = ()
+    #: a callable (batch_size, torch.Generator) -> BoolTensor masks [M, B, N] that the data pipeline draws into
+    #: batch["masks"] for every batch (iBOT's blockwise masks), or None
+    masking = None
     #: the augmented views per sample the data pipeline delivers in batch["views"], each with its
     #: paper's augmentation (data.augment / data.views override them; pretrain/data/views.py)
     views: Tuple[ViewSpec, ...] = (ViewSpec(), ViewSpec())
@@ -60,18 +99,30 @@ class Method(nn.Module):
     #: True when W ranks at local batch B give the loss and every parameter gradient of one process at
     #: batch W*B (global BN, cross-rank gathers/sums): tests/test_rank_equivalence.py proves it for each
     cross_rank_exact: bool = False
+    #: True when the method works on patch tokens and so needs a timm ViT backbone (iBOT); registry-wide tests
+    #: then build it on a small ViT
+    requires_vit: bool = False
     #: False when `export_backbone()` is not a timm model (a GAN's DCGAN trunk): `pretrain export` refuses it
     timm_backbone: bool = True
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        #: key -> Schedule for each `scheduled` key: the defaults here, the config's values from create_method
+        self.schedules: Dict[str, Schedule] = {k: Schedule.parse(self.defaults[k]) for k in self.scheduled}
 
-    def forward(self, batch, phase: str = "main"):
-        return self.training_step(batch) if phase == "main" else self.training_step(batch, phase)
+    def step_context(self, step: int = 0, total: int = 1, steps_per_epoch: int = 1, phase: Optional[str] = None,
+                **values: float) -> StepContext:
+        """The StepContext of `step`: every schedule evaluated there (plus `values`, the engine's lr...)."""
+        own = {k: s(step, total, steps_per_epoch) for k, s in self.schedules.items()}
+        return StepContext(step, total, steps_per_epoch, phase or self.phases[0], {**own, **values})
 
-    def training_step(self, batch, phase: str = "main") -> Dict[str, torch.Tensor]:
-        """Losses for `batch` (and, for multi-phase methods, `phase`); "loss" is backpropagated."""
+    def forward(self, batch, ctx: Optional[StepContext] = None):
+        """training_step at `ctx` (the engine always passes it; None: step 0's context, for direct calls)."""
+        return self.training_step(batch, ctx or self.step_context())
+
+    def training_step(self, batch, ctx: StepContext) -> Dict[str, torch.Tensor]:
+        """Losses for `batch` at step `ctx` (for multi-phase methods, in phase `ctx.phase`); "loss" is backpropagated."""
         raise NotImplementedError
 
     def phase_module(self, phase: str) -> nn.Module:
@@ -103,12 +154,17 @@ class Method(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
 
-    def before_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+    def before_step(self, ctx: StepContext) -> None:
         """Called once per optimizer step, before its first forward (also right after a resume):
-        step-dependent settings go here (SwAV's prototype freeze, its queue's start)."""
+        step-dependent settings that are not an input of the forward go here (SwAV's queue start)."""
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Called once per optimizer step (not per micro-batch): EMA/momentum updates go here."""
+    def on_gradients(self, ctx: StepContext, grads) -> None:
+        """Called once per optimizer step (per phase) after the backward of its last micro-batch, before
+        clipping and the optimizer step: gradient edits (DINO's last-layer freeze, per-group clipping).
+        `grads` (engine/backends.py `Gradients`) reads and writes full fp32 gradients under any backend."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called once per optimizer step (not per micro-batch), after it: EMA/momentum updates go here."""
 
     def extra_state(self) -> dict:
         """Non-parameter state to checkpoint (queues, pointers); tensors and plain Python only. Here: the
@@ -127,7 +183,8 @@ class Method(nn.Module):
         return {name: v for name, v in vars(self).items() if isinstance(v, EMA)}
 
     def export_backbone(self, which: str = "default") -> nn.Module:
-        """The backbone `pretrain export` writes."""
+        """The backbone `pretrain export --which` writes and the kNN monitor (eval.which) evaluates; "default":
+        the one the method's paper reports."""
         if self.backbone is None:
             raise ValueError(f"{type(self).__name__} trains no backbone to export; draw images with `pretrain sample`")
         if which != "default":
@@ -135,6 +192,7 @@ class Method(nn.Module):
         return self.backbone
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features for evaluation: [B, 3, H, W] -> [B, D]."""
-        return self.export_backbone()(images)
+    def features(self, images: torch.Tensor, which: str = "default") -> torch.Tensor:
+        """Features for evaluation (the kNN monitor, eval.which) from backbone `which` of export_backbone
+        ("default": the one the method's paper reports, e.g. DINO's teacher): [B, 3, H, W] -> [B, D]."""
+        return self.export_backbone(which)(images)

@@ -48,8 +48,8 @@ class BYOL(MomentumMethod):
         "proj_hidden_dim": 4096,
         "proj_dim": 256,
         "pred_hidden_dim": 4096,
-        "momentum": 0.996,               # tau at step 0 (0.99 for the 100/300-epoch runs, 0.97 for 40)
-        "momentum_schedule": "cosine",   # tau -> 1 at the last step, as the paper
+        # tau from 0.996 (0.99 for the 100/300-epoch runs, 0.97 for 40) to 1 at the last step, as the paper
+        "momentum": {"shape": "cosine", "start": 0.996, "end": 1.0},
         "sync_bn": True,                 # BN statistics across devices (cross-replica BN in the official code)
     }
     checks = {**MomentumMethod.checks, "proj_hidden_dim": integer(1), "proj_dim": integer(1),
@@ -57,15 +57,14 @@ class BYOL(MomentumMethod):
     #: per-sample loss averaged over the batch, BN global across ranks: W ranks x B == one process at W*B
     cross_rank_exact = True
 
-    def __init__(self, backbone: nn.Module, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096, momentum=0.996,
-                 momentum_schedule="cosine", sync_bn=True):
-        super().__init__(backbone, momentum, momentum_schedule)
+    def __init__(self, backbone: nn.Module, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096, sync_bn=True):
+        super().__init__(backbone)
         self.sync_bn = sync_bn
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, 2, last_bias=False)   # BYOL's MLP
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, 2, last_bias=False)
         self.init_momentum_encoder(["backbone", "projector"])   # key_backbone, key_projector: the target
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                                        # each [B, 3, H, W]
         # one forward per view and network: BN statistics per view, as the official code
         p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in (v1, v2))   # [B, D] each

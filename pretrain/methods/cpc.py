@@ -96,7 +96,7 @@ class CPC(Method):
         (the exported patch encoder on a whole image is another, usually weaker, option)."""
         return self.encode_patches(images).mean((2, 3))
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         x = batch["views"][0][0]                                          # [B, 3, S, S]
         z = self.encode_patches(x)                                        # [B, D, G, G]
         c = self.context(z)                                               # [B, C, G, G], row-causal

@@ -103,7 +103,7 @@ class DDPM(GenerativeMethod):
         x0 = x0.clamp(-1, 1)
         return (xt - a * x0) / s, x0
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         # Schedule arithmetic and noising in fp32 whatever the engine dtype; the UNet casts its inputs
         # (x_t, the timestep embedding) to its weights' dtype.
         x0 = batch["views"][0][0].float()                                        # [B, 3, S, S] in [-1, 1]
@@ -115,7 +115,7 @@ class DDPM(GenerativeMethod):
         target = eps if self.prediction == "eps" else a * eps - s * x0
         return {"loss": (self.unet(x_t, t).float() - target).pow(2).mean()}
 
-    def after_step(self, step, total_steps):
+    def after_step(self, ctx):
         self.ema.update(self.ema_decay)
 
     @torch.no_grad()

@@ -53,10 +53,10 @@ class GAN(GenerativeMethod):
     def discriminate(self, x):
         return self.d_head(self.backbone(x)).float().squeeze(1)                 # [B] scores
 
-    def training_step(self, batch, phase="d"):
+    def training_step(self, batch, ctx):
         real = batch["views"][0][0]                                               # [B, 3, S, S] in [-1, 1]
         z = torch.randn(real.shape[0], self.latent_dim, device=real.device, dtype=real.dtype)
-        if phase == "g":
+        if ctx.phase == "g":
             s = self.discriminate(self.generator(z))
             return {"loss": (-s if self.loss == "hinge" else F.softplus(-s)).mean()}
         with torch.no_grad():
@@ -76,7 +76,7 @@ class GAN(GenerativeMethod):
             out["r1"] = penalty.detach()
         return {"loss": loss, **out}
 
-    def after_step(self, step, total_steps):
+    def after_step(self, ctx):
         self.ema.update(self.ema_decay)
 
     @torch.no_grad()

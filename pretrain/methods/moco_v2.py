@@ -55,8 +55,7 @@ class MoCoV2(MomentumMethod):
         "proj_layers": 2,
         "proj_bn": False,                  # BN in the projector's hidden layers (the official head has none)
         "queue_size": 65536,
-        "momentum": 0.999,
-        "momentum_schedule": "constant",   # constant | cosine (to 1.0 at the last step)
+        "momentum": 0.999,                 # or a schedule, e.g. {shape: cosine, start: 0.99, end: 1.0}
         "shuffle_bn": True,                # across ranks; in one process, split-BN instead
         "split_bn_groups": 8,              # one process only: sub-batches for split-BN
     }
@@ -65,9 +64,9 @@ class MoCoV2(MomentumMethod):
               "split_bn_groups": integer(1)}   # any queue size works, a multiple of the global batch or not
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=2048, proj_dim=128, proj_layers=2,
-                 proj_bn=False, queue_size=65536, momentum=0.999, momentum_schedule="constant", shuffle_bn=True,
+                 proj_bn=False, queue_size=65536, shuffle_bn=True,
                  split_bn_groups=8):
-        super().__init__(backbone, momentum, momentum_schedule)
+        super().__init__(backbone)
         self.temperature, self.shuffle_bn, self.split_bn_groups = temperature, shuffle_bn, split_bn_groups
         # official MoCo v2 head: fc -> ReLU -> fc (biases, no BN); proj_bn=true: SimCLR's head with BN
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, bn=proj_bn)
@@ -109,7 +108,7 @@ class MoCoV2(MomentumMethod):
         self.queue = self.queue.index_copy(0, idx, keys)     # out of place: this step's loss saved the old one
         self.queue_ptr = int((self.queue_ptr + keys.shape[0]) % K)
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                            # each [B, 3, H, W]
         if self.queue.device != v1.device:
             self.queue = self.queue.to(v1.device)

@@ -44,8 +44,7 @@ class MoCoV3(MomentumMethod):
         "proj_dim": 256,
         "proj_layers": 3,
         "pred_hidden_dim": 4096,
-        "momentum": 0.99,
-        "momentum_schedule": "cosine",   # 0.99 -> 1.0 over training, as in the paper
+        "momentum": {"shape": "cosine", "start": 0.99, "end": 1.0},   # 0.99 -> 1.0 over training, as in the paper
         "sync_bn": True,
         "pred_last_bn": True,            # the predictor ends in BN (official ViT head; its ResNet head does not)
         "stop_grad_conv1": False,        # ViTs: freeze the random patch projection (on in the paper's ViT runs)
@@ -55,9 +54,9 @@ class MoCoV3(MomentumMethod):
               "stop_grad_conv1": boolean()}
 
     def __init__(self, backbone: nn.Module, temperature=0.2, proj_hidden_dim=4096, proj_dim=256, proj_layers=3,
-                 pred_hidden_dim=4096, momentum=0.99, momentum_schedule="cosine", sync_bn=True, pred_last_bn=True,
+                 pred_hidden_dim=4096, sync_bn=True, pred_last_bn=True,
                  stop_grad_conv1=False):
-        super().__init__(backbone, momentum, momentum_schedule)
+        super().__init__(backbone)
         self.temperature, self.sync_bn = temperature, sync_bn
         if stop_grad_conv1:
             freeze_patch_projection(backbone, f"the backbone ({type(backbone).__name__})")
@@ -69,7 +68,7 @@ class MoCoV3(MomentumMethod):
         # x 2T: the paper's scaling, which makes the gradient scale independent of the temperature
         return info_nce(q, k, self.temperature, grad_through_keys=False) * 2 * self.temperature
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                                      # each [B, 3, H, W]
         # one forward per view and encoder: BN statistics per view, as the official code
         q1, q2 = (self.predictor(self.projector(self.backbone(v))) for v in (v1, v2))   # [B, D] each

@@ -85,7 +85,7 @@ class NNCLR(Method):
     def _ctr(self, a, b, grad_through_keys):
         return info_nce(a, b, self.temperature, grad_through_keys=grad_through_keys)
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                                         # each [B, 3, H, W]
         if self.support.device != v1.device:
             self.support = self.support.to(v1.device)
@@ -100,7 +100,7 @@ class NNCLR(Method):
             self._pending.append(gather_no_grad(F.normalize(z1.detach().float(), dim=1)))   # [N, D]
         return {"loss": loss}
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, ctx) -> None:
         """Once per optimizer step: this step's view-1 embeddings, every micro-batch, enter the support set."""
         if self._pending:
             self.enqueue(torch.cat(self._pending))

@@ -43,7 +43,7 @@ class PixelCNN(GenerativeMethod):
             lp = logistic_mixture_log_prob(x, out)
         return lp.flatten(1).sum(1)
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         x = batch["views"][0][0]
         nats = -self.log_prob(x).mean() / x[0].numel()                         # nats per dim
         return {"loss": nats, "bits_per_dim": nats.detach() / math.log(2)}

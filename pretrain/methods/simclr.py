@@ -40,7 +40,7 @@ class SimCLR(Method):
         self.sync_bn = sync_bn
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers)
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                  # each [B, 3, H, W]
         B = v1.shape[0]
         # One backbone pass over both views: BN sees 2B samples, as in the reference code.

@@ -71,7 +71,7 @@ class SimSiam(Method):
             out += [{**g, "params": rest}] + ([{**g, "params": mine, "fixed_lr": True}] if mine else [])
         return out
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                                   # each [B, 3, H, W]
         z1, z2 = (self.projector(self.backbone(v)) for v in (v1, v2))   # [B, D] each, one forward per view
         p1, p2 = self.predictor(z1), self.predictor(z2)               # [B, D] each

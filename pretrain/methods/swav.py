@@ -160,10 +160,10 @@ class SwAV(Method):
         self.queue_filled = 0
 
     # ---- schedule ------------------------------------------------------------------------------
-    def before_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+    def before_step(self, ctx) -> None:
         """Prototypes frozen for the first freeze_prototypes_epochs x steps_per_epoch steps; the epoch for the queue."""
-        self.global_step, self.epoch = step, step // max(steps_per_epoch, 1)
-        self.prototypes.frozen = step < self.freeze_epochs * steps_per_epoch
+        self.global_step, self.epoch = ctx.step, ctx.epoch
+        self.prototypes.frozen = ctx.step < self.freeze_epochs * ctx.steps_per_epoch
 
     def param_groups(self, weight_decay: float, phase: str = "main"):
         """super()'s groups without the prototypes, which get their own: no weight decay (it would only rescale
@@ -212,7 +212,7 @@ class SwAV(Method):
         self.queue = torch.zeros(NUM_GLOBAL, length, z.shape[-1], device=z.device)
         self.queue_filled = 0
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         z = self.embed(batch["views"])                                  # [V, B, D]
         scores = self.prototypes(z)                                     # [V, B, K]
         q = self.codes(scores[:NUM_GLOBAL], z[:NUM_GLOBAL])             # [2, B, K]

@@ -40,7 +40,7 @@ class VAE(GenerativeMethod):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)                       # [B] nats
         return nll, kl
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         x = batch["views"][0][0]                                                        # [B, 3, S, S] in [-1, 1]
         D = x[0].numel()
         nll, kl = self._terms(x, torch.randn(x.shape[0], self.latent_dim, device=x.device))

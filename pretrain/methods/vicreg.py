@@ -73,7 +73,7 @@ class VICReg(Method):
         # which the BN after them cancels, are left out here)
         self.projector = mlp_head(backbone.num_features, proj_hidden_dim, proj_dim, proj_layers, last_bias=False)
 
-    def training_step(self, batch):
+    def training_step(self, batch, ctx):
         v1, v2 = batch["views"][0]                                   # each [B, 3, H, W]
         z1, z2 = (self.projector(self.backbone(v)) for v in (v1, v2))   # [B, D] each, per-view BN
         inv, var, cov = vicreg_terms(z1, z2)

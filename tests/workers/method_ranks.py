@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-from rank_common import build  # noqa: E402
+from rank_common import build, rank_slice  # noqa: E402
 
 from pretrain import comm  # noqa: E402
 from pretrain import dist as pdist  # noqa: E402
@@ -27,16 +27,15 @@ pdist.init_distributed(env, "gloo", timeout_s=300)
 rank, world = comm.rank(), comm.world_size()
 result = {}
 for name in names:
-    views = inputs[name]                                            # per size: [V_g, W*B, 3, S, S]
-    B = views[0].shape[1] // world
-    local = {"views": [v[:, rank * B:(rank + 1) * B] for v in views]}
+    B = inputs[name]["views"][0].shape[1] // world                  # views per size: [V_g, W*B, 3, S, S]
+    local = rank_slice(inputs[name], rank, B)
     cfg, method = build(name, backend="deepspeed" if backend_name == "zero2" else "ddp", global_batch=world * B)
     with torch.no_grad():   # per-rank BN statistics: the loss a run without global BN would see
         plain = comm.all_reduce_mean(copy.deepcopy(method)(local)["loss"].detach())
     if getattr(method, "sync_bn", False):
         method = convert_sync_bn(method, torch.device("cpu"))
     be = create_backend(method, cfg, torch.device("cpu"))
-    be.module.before_step(10, 20, 5)   # past any warm-up freeze (SwAV: 1 epoch)
+    be.module.before_step(be.module.step_context(10, 20, 5))   # past any warm-up freeze (SwAV: 1 epoch)
     loss = be.forward(local)["loss"]
     if backend_name == "zero2":
         from deepspeed.utils import safe_get_full_grad
@@ -46,8 +45,10 @@ for name in names:
     else:
         loss.backward()           # DDP averages the gradients over ranks
         grads = {n: p.grad for n, p in be.module.named_parameters() if p.requires_grad}
+    extra = be.module.extra_state()   # state the step changed (DINO's centre): equal to one process's too
     result[name] = {"loss": comm.all_reduce_mean(loss.detach()), "plain_loss": plain,
-                    "grads": {n: (g.clone() if g is not None else None) for n, g in grads.items()}}
+                    "grads": {n: (g.clone() if g is not None else None) for n, g in grads.items()},
+                    "extra": {k: v for k, v in extra.items() if torch.is_tensor(v)}}
     del be, loss
 if rank == 0:
     torch.save(result, out)

@@ -6,6 +6,7 @@ argv: OUT_PT
 import sys
 
 import torch
+from pretrain.schedules import Schedule
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,7 +32,8 @@ result["shuffle"] = parts
 
 # 2. MoCo v2 under DDP: a few SGD steps on different data per rank
 torch.manual_seed(0)            # identical initial weights everywhere
-method = MoCoV2(create_backbone("resnet10t"), proj_hidden_dim=32, proj_dim=16, queue_size=K, momentum=0.9)
+method = MoCoV2(create_backbone("resnet10t"), proj_hidden_dim=32, proj_dim=16, queue_size=K)
+method.schedules["momentum"] = Schedule(0.9)
 ddp = DistributedDataParallel(method)
 opt = torch.optim.SGD([p for g in method.param_groups(0.0) for p in g["params"]], lr=0.1)
 g = torch.Generator().manual_seed(rank)
@@ -42,7 +44,7 @@ for step in range(STEPS):
     loss.backward()
     opt.step()
     opt.zero_grad()
-    method.after_step(step + 1, STEPS)
+    method.after_step(method.step_context(step + 1, STEPS))
 parts = [None] * world
 dist.all_gather_object(parts, {"queue": method.queue.clone(), "ptr": method.queue_ptr,
                                "key_backbone": {k: v.clone() for k, v in method.key_backbone.state_dict().items()}})

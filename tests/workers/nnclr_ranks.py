@@ -34,7 +34,7 @@ for step in range(STEPS):
         result["loss"] = comm.all_reduce_mean(loss.detach())
         result["grads"] = {n: p.grad.clone() for n, p in be.module.named_parameters() if p.grad is not None}
     be.step()
-    be.module.after_step(step + 1, STEPS)
+    be.module.after_step(be.module.step_context(step + 1, STEPS))
     result["support"].append(comm.all_gather_object((be.module.support.clone(), be.module.support_ptr)))
 if rank == 0:
     torch.save(result, out)

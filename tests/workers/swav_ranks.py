@@ -52,7 +52,7 @@ def batch(step, B=4):
 _, m = small("method.queue_length=24", "method.epoch_queue_starts=0")   # 24 = 3 global batches of 8: 12 per rank
 with torch.no_grad():
     for step in range(2):
-        m.before_step(step, 10, 5)
+        m.before_step(m.step_context(step, 10, 5))
         m(batch(step))
 state = m.extra_state()
 _, fresh = small("method.queue_length=24", "method.epoch_queue_starts=0")
@@ -68,7 +68,7 @@ def freeze_run(backend_cls, *extra):
     seen = [(m.prototypes.weight.detach().clone(), m.projector[0].weight.detach().clone())]
     for step in range(3):
         be.set_lr(1e-2)
-        m.before_step(step, 3, 2)
+        m.before_step(m.step_context(step, 3, 2))
         with be.accumulate(last=True):
             be.backward(be.forward(batch(step))["loss"])
         be.step()
