@@ -40,5 +40,5 @@ def test_config_trains_resumes_and_exports(lifecycle, name):
         return
     assert r["export_rc"] == 0
     model, meta = load_backbone(r["exported"])    # timm's model of that name, with the exported weights
-    assert isinstance(model, timm.models.ResNet)
+    assert isinstance(model, (timm.models.ResNet, timm.models.VisionTransformer))
     assert model.eval()(torch.randn(2, *meta["input_size"])).shape[0] == 2

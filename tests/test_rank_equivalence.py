@@ -16,7 +16,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from helpers import WORKERS, cli, tb_scalars, torchrun
+from helpers import SMALL_VIT, WORKERS, cli, tb_scalars, torchrun
 from pretrain.engine.checkpoint import find_checkpoint
 from pretrain.methods import METHODS
 from pretrain.methods.momentum import MomentumMethod
@@ -98,7 +98,9 @@ MOMENTUM = [n for n in EXACT if issubclass(METHODS.get(n), MomentumMethod)]
 
 def _train(tmp_path_factory, shards, name, backend):
     run_dir = tmp_path_factory.mktemp(f"ema_{name}_{backend}") / "run"
-    ov = {"data.train": f"{shards}/train", "data.val": "null", "run_dir": run_dir, "model.name": "resnet10t",
+    model = dict(a.split("=", 1) for a in SMALL_VIT) if build(name)[0].model.name.startswith("vit") else {
+        "model.name": "resnet10t"}
+    ov = {"data.train": f"{shards}/train", "data.val": "null", "run_dir": run_dir, **model,
           "data.image_size": 16, "train.global_batch_size": 16, "train.max_steps": 3, "data.num_workers": 0,
           "data.shuffle_buffer": 64, "log.every_steps": 1, "log.progress": "false", "train.channels_last": "false",
           "optim.name": "sgd", "optim.warmup_steps": 1, "method.momentum": 0.5,

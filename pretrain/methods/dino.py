@@ -203,10 +203,11 @@ class DINO(MomentumMethod):
                 setattr(self, k, v.clone())
 
     def export_backbone(self, which: str = "default"):
-        """DINO reports its teacher: default/teacher -> the EMA backbone, student -> the trained one."""
-        if which in ("default", "teacher"):
+        """DINO reports its teacher: default/teacher (or key, as the momentum methods say) -> the EMA backbone,
+        student (query) -> the trained one."""
+        if which in ("default", "teacher", "key"):
             return self.key_backbone
-        if which == "student":
+        if which in ("student", "query"):
             return self.backbone
         raise ValueError(f"{type(self).__name__} exports --which teacher (default) or student, not {which!r}")
 

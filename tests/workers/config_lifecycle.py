@@ -9,7 +9,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from pretrain.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import SMALL_VIT  # noqa: E402
+from pretrain.cli import main  # noqa: E402
 from pretrain.methods import METHODS
 from pretrain.config import load_config
 
@@ -18,12 +20,15 @@ report = {}
 for config in sys.argv[3:]:
     name = Path(config).stem
     run = out / name
-    method = load_config(config, ["data.train=x"]).method.name
+    shipped = load_config(config, ["data.train=x"])
+    method = shipped.method.name
     generative = hasattr(METHODS.get(method), "sample")
     ov = [f"data.train={shards}/train", "data.val=null", f"run_dir={run}", "train.global_batch_size=16",
           "data.samples_per_epoch=160", "data.num_workers=0", "data.shuffle_buffer=64", "log.every_steps=1",
           "log.progress=false", "checkpoint.every_steps=1", "eval.knn_every_steps=0", "log.sample_every_steps=0"]
-    if not generative:
+    if shipped.model.name.startswith("vit"):   # a 2-block tiny ViT (DINO, iBOT)
+        ov += SMALL_VIT
+    elif not generative:
         ov.append("model.name=resnet10t")
     r = {"method": method}
     try:
