@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pretrain.config import load_config
 from pretrain.data.views import resolve_views
 from pretrain.methods import METHODS, create_method
+from helpers import SMALL_VIT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
@@ -64,6 +65,9 @@ OLD = {
     "digits_nnclr.yaml": [_OLD_QUICKSTART] * 2,
     # 2 global crops on the quickstart's crop, 4 local ones at 10-30% of the area (data.augment.crop_scale: null)
     "digits_swav.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
+    # DINO and iBOT: SwAV's digits crops (2 global at 30-100%, 4 local at 10-30%) on the quickstart's augmentation
+    "digits_dino.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
+    "digits_ibot.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
 }
 
 
@@ -103,6 +107,17 @@ SIMSIAM = [MOCO_V2, MOCO_V2]
 #: grayscale 0.2, PIL Gaussian blur radius 0.1-2 p 0.5; no solarization.
 SWAV = ([_spec((0.14, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)] * 2
         + [_spec((0.05, 0.14), (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.5, 0.0)] * 6)
+#: DINO (Caron et al. 2021), facebookresearch/dino main_dino.py DataAugmentationDINO with its defaults: 2 global crops
+#: (--global_crops_scale 0.4 1, 224 px) + 8 local crops (--local_crops_scale 0.05 0.4, 96 px), each: flip,
+#: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2; GaussianBlur(1.0) on global crop 1, GaussianBlur(0.1) +
+#: Solarization(0.2) on global crop 2, GaussianBlur(p=0.5) on the local crops (radius 0.1-2).
+_DINO_GLOBAL = [_spec((0.4, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, 0.0),
+                _spec((0.4, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2)]
+DINO = _DINO_GLOBAL + [_spec((0.05, 0.4), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5, 0.0)] * 8
+#: iBOT (Zhou et al. 2022), bytedance/ibot main_ibot.py DataAugmentationiBOT (DINO's photometry) with the README's
+#: ViT-S/16 crops: --global_crops_scale 0.25 1, --local_crops_number 10, --local_crops_scale 0.05 0.25.
+IBOT = ([{**v, "crop_scale": (0.25, 1.0)} for v in _DINO_GLOBAL]
+        + [_spec((0.05, 0.25), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5, 0.0)] * 10)
 #: No augmentation (whole image, no flips, no colour): VAE, GAN, PixelCNN. DDPM (Ho et al. 2020, appendix B):
 #: random horizontal flips on CIFAR-10.
 NONE = _spec((1.0, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0, crop_ratio=(1.0, 1.0))
@@ -110,7 +125,7 @@ PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": M
          "byol": BYOL, "simsiam": SIMSIAM,
          "barlow_twins": BYOL, "vicreg": BYOL,   # the official main.py Transform / augmentations.py: BYOL's pair
          "nnclr": BYOL,   # Dwibedi et al. 2021, section 4: BYOL's augmentation
-         "swav": SWAV,
+         "swav": SWAV, "dino": DINO, "ibot": IBOT,
          "cpc": [MOCO_V2],     # CPC keeps its image-level augmentation (CPC v2 augments patches; docs/methods.md)
          "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}]}
 
@@ -132,7 +147,8 @@ def test_every_method_has_a_paper_augmentation_here():
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_each_method_defaults_to_its_papers_augmentation(name):
-    cfg = load_config(None, ["data.train=x", f"method.name={name}"] + (GEN if hasattr(METHODS.get(name), "sample") else []))
+    cfg = load_config(None, ["data.train=x", f"method.name={name}"] + (GEN if hasattr(METHODS.get(name), "sample") else [])
+                      + (SMALL_VIT if METHODS.get(name).requires_vit else []))
     got = _views(cfg)
     assert [_effective(v) for v in got] == [_effective(v) for v in PAPER[name]]
     assert METHODS.get(name).num_views == len(PAPER[name])
@@ -342,3 +358,132 @@ def test_reference_configs_build_their_method(name):
     """Each reference config builds as it stands (paper-size model; a couple of seconds at most)."""
     m = create_method(_ref(name))
     assert m.num_views == len(_views(_ref(name)))
+
+
+# ------------------------------------------------------------------------------------------------ DINO and iBOT
+#: ImageNet-1k's train split, and the official steps per epoch at batch 16 GPUs x 64: DistributedSampler pads each
+#: rank to ceil(N / 16) images, the loader drops the last partial batch (drop_last=True)
+IMAGENET_TRAIN = 1281167
+OFFICIAL_STEPS_PER_EPOCH = -(-IMAGENET_TRAIN // 16) // 64                        # 1251
+
+
+def _official_cosine(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.0):
+    """facebookresearch/dino (and bytedance/ibot) utils.cosine_scheduler: one value per iteration."""
+    import numpy as np
+
+    warmup = np.linspace(start_warmup, base, warmup_epochs * niter) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter - warmup_epochs * niter)
+    return np.concatenate((warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+def _official_teacher_temp(warmup_temp, temp, warmup_epochs, epochs):
+    """main_dino.py DINOLoss / main_ibot.py iBOTLoss: one value per epoch."""
+    import numpy as np
+
+    return np.concatenate((np.linspace(warmup_temp, temp, warmup_epochs), np.ones(epochs - warmup_epochs) * temp))
+
+
+@pytest.fixture(scope="module")
+def dino_ibot_refs():
+    """The two reference configs and their methods (ViT-S/16 with 65536 / 8192 prototypes: seconds to build)."""
+    out = {}
+    for name in ("dino_vit_small_imagenet.yaml", "ibot_vit_small_imagenet.yaml"):
+        cfg = _ref(name)
+        out[name] = (cfg, create_method(cfg))
+    return out
+
+
+def test_dino_vit_small_is_the_papers_recipe(dino_ibot_refs):
+    """facebookresearch/dino README: `run_with_submitit.py --nodes 2 --ngpus 8 --arch vit_small`, i.e. main_dino.py's
+    defaults on 16 GPUs: --batch_size_per_gpu 64, --epochs 100, adamw, --lr 0.0005 (x B/256), --min_lr 1e-6,
+    --warmup_epochs 10, --weight_decay 0.04 -> --weight_decay_end 0.4, --clip_grad 3.0, --freeze_last_layer 1,
+    --momentum_teacher 0.996, --use_fp16 true, --drop_path_rate 0.1, --out_dim 65536, --norm_last_layer true,
+    --use_bn_in_head false, --warmup_teacher_temp 0.04, --teacher_temp 0.04, --warmup_teacher_temp_epochs 0,
+    --global_crops_scale 0.4 1, --local_crops_number 8, --local_crops_scale 0.05 0.4; DINOHead(nlayers=3,
+    hidden_dim=2048, bottleneck_dim=256); DINOLoss(student_temp=0.1, center_momentum=0.9); vit_small: patch 16,
+    width 384, depth 12, 6 heads; the README evaluates the teacher (--checkpoint_key teacher)."""
+    c, m = dino_ibot_refs["dino_vit_small_imagenet.yaml"]
+    assert (c.method.name, c.model.name, c.data.image_size) == ("dino", "vit_small_patch16_224", 224)
+    vit = m.backbone
+    assert (vit.patch_embed.patch_size, vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == ((16, 16), 384, 12, 6)
+    assert vit.blocks[0].attn.qkv.bias is not None
+    assert c.model.kwargs.drop_path_rate == 0.1 and c.model.kwargs.dynamic_img_size is True
+    assert all(getattr(x, "drop_prob", 0.0) == 0.0 for x in m.key_backbone.modules())      # the teacher: no drop path
+    assert (c.train.global_batch_size, c.train.epochs, c.train.precision, c.train.clip_grad) == (16 * 64, 100, "fp16", 0.0)
+    assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.min_lr, c.optim.warmup_epochs) == (
+        "adamw", 0.0005, "linear", 1e-6, 10)
+    assert list(c.optim.betas) == [0.9, 0.999]                                      # torch.optim.AdamW(params_groups)
+    assert (c.method.out_dim, c.method.hidden_dim, c.method.bottleneck_dim, c.method.head_layers) == (65536, 2048, 256, 3)
+    assert (c.method.norm_last_layer, c.method.head_bn) == (True, False)
+    assert not m.head.last_layer.weight_g.requires_grad
+    assert (c.method.student_temp, c.method.center_momentum, c.method.centering, c.method.clip_grad) == (0.1, 0.9, "center", 3.0)
+    assert (c.method.koleo_weight, c.method.layer_decay, c.method.patch_embed_lr_mult) == (0.0, 1.0, 1.0)
+    assert _views(c) == DINO
+    assert [v.size for v in m.views] == [None, None] + [96] * 8
+    assert m.export_backbone() is m.key_backbone
+
+
+def test_ibot_vit_small_is_the_papers_recipe(dino_ibot_refs):
+    """bytedance/ibot README, ViT-S/16 on two nodes of 8 GPUs: --teacher_temp 0.07 --warmup_teacher_temp_epochs 30
+    --norm_last_layer false --epochs 800 --batch_size_per_gpu 64 --shared_head true --out_dim 8192
+    --local_crops_number 10 --global_crops_scale 0.25 1 --local_crops_scale 0.05 0.25 --pred_ratio 0 0.3
+    --pred_ratio_var 0 0.2, on main_ibot.py's defaults: adamw, --lr 0.0005 (x B/256), --min_lr 1e-6, --warmup_epochs
+    10, --weight_decay 0.04 -> 0.4, --clip_grad 3.0, --freeze_last_layer 1, --momentum_teacher 0.996, --use_fp16 true,
+    --drop_path 0.1, --warmup_teacher_temp 0.04, --warmup_teacher_patch_temp 0.04, --teacher_patch_temp 0.07,
+    --shared_head_teacher true, --lambda1 1, --lambda2 1, --pred_shape block, pred_aspect_ratio (0.3, 1/0.3);
+    iBOTLoss(student_temp=0.1, center_momentum=0.9, center_momentum2=0.9); iBOTHead 2048 / 256 / 3 layers."""
+    c, m = dino_ibot_refs["ibot_vit_small_imagenet.yaml"]
+    assert (c.method.name, c.model.name, c.data.image_size) == ("ibot", "vit_small_patch16_224", 224)
+    assert c.model.kwargs.drop_path_rate == 0.1 and c.model.kwargs.dynamic_img_size is True
+    assert (c.train.global_batch_size, c.train.epochs, c.train.precision, c.train.clip_grad) == (16 * 64, 800, "fp16", 0.0)
+    assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.min_lr, c.optim.warmup_epochs) == (
+        "adamw", 0.0005, "linear", 1e-6, 10)
+    assert list(c.optim.betas) == [0.9, 0.999]
+    assert (c.method.out_dim, c.method.hidden_dim, c.method.bottleneck_dim, c.method.head_layers) == (8192, 2048, 256, 3)
+    assert (c.method.norm_last_layer, c.method.head_bn, c.method.patch_head) == (False, False, "shared")
+    assert m.head.last_layer.weight_g.requires_grad and m.patch_heads() == (m.head, m.key_head)
+    assert (c.method.student_temp, c.method.center_momentum, c.method.clip_grad) == (0.1, 0.9, 3.0)
+    assert (c.method.cls_weight, c.method.patch_weight) == (1.0, 1.0)
+    # pred_ratio 0 or 0.3 +- 0.2, chosen per global crop: masked with probability 1/2, target ratio U(0.1, 0.5)
+    assert (tuple(c.method.mask_ratio), c.method.mask_prob) == (pytest.approx((0.3 - 0.2, 0.3 + 0.2)), 1 / 2)
+    assert m.masking.grid == (224 // 16, 224 // 16) and m.masking.num_views == 2
+    assert _views(c) == IBOT
+
+
+@pytest.mark.parametrize("name,teacher_temp,patch_temp,epochs", [
+    ("dino_vit_small_imagenet.yaml", (0.04, 0.04, 0), None, 100),
+    ("ibot_vit_small_imagenet.yaml", (0.04, 0.07, 30), (0.04, 0.07, 30), 800)])
+def test_dino_ibot_schedules_follow_the_official_arrays(dino_ibot_refs, name, teacher_temp, patch_temp, epochs):
+    """LR, weight decay, teacher momentum, teacher temperatures and the last-layer freeze, as the trainer evaluates
+    them for the reference config at ImageNet's 1251 steps per epoch, against the official arrays
+    (utils.cosine_scheduler per iteration, the loss's np.linspace per epoch, cancel_gradients_last_layer's
+    `epoch < freeze_last_layer`). Ours are per step: the LR warmup ends one step earlier (<= base / warmup
+    steps) and the temperature warmup ramps within epochs (<= 0.03 / 30 from the official per-epoch value)."""
+    import numpy as np
+
+    from pretrain.engine.trainer import plan
+
+    c, m = dino_ibot_refs[name]
+    c = load_config(str(CONFIGS / name), ["data.val=null", f"data.samples_per_epoch={IMAGENET_TRAIN}"])
+    p = plan(c, 1)
+    n = OFFICIAL_STEPS_PER_EPOCH
+    assert (p["steps_per_epoch"], p["total"]) == (n, epochs * n)
+    base = 0.0005 * 1024 / 256
+    official = {"lr": _official_cosine(base, 1e-6, epochs, n, warmup_epochs=10),
+                "weight_decay": _official_cosine(0.04, 0.4, epochs, n),
+                "momentum": _official_cosine(0.996, 1.0, epochs, n)}
+    temps = {"teacher_temp": np.repeat(_official_teacher_temp(*teacher_temp, epochs), n)}
+    if patch_temp:
+        temps["teacher_patch_temp"] = np.repeat(_official_teacher_temp(*patch_temp, epochs), n)
+    steps = sorted(set(range(0, 2 * n)) | set(range(0, epochs * n, 97)) | {10 * n - 1, 10 * n, 30 * n - 1, 30 * n,
+                                                                          epochs * n - 1})
+    for s in steps:
+        ctx = m.step_context(s, p["total"], n, **{k: f(s, p["total"], n) for k, f in p["schedules"].items()})
+        assert ctx["lr"] == pytest.approx(official["lr"][s], abs=base / (10 * n) + 1e-12), s
+        assert ctx["weight_decay"] == pytest.approx(official["weight_decay"][s], abs=1e-12), s
+        assert ctx["momentum"] == pytest.approx(official["momentum"][s], abs=1e-12), s
+        for k, want in temps.items():
+            assert ctx[k] == pytest.approx(want[s], abs=0.03 / 30 + 1e-12), (k, s)
+            if s >= 30 * n or teacher_temp[2] == 0:
+                assert ctx[k] == pytest.approx(want[s], abs=1e-12), (k, s)
+        assert (ctx["freeze_last_layer"] > 0) == (s // n < 1), s
