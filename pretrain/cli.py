@@ -22,10 +22,13 @@ def cmd_shards(a):
 
 def cmd_train(a):
     from pretrain.config import load_config
-    from pretrain.dist import env_from
+    from pretrain.dist import cleanup, env_from
     from pretrain.engine import train
 
     metrics = train(load_config(a.config, a.overrides))
+    # every rank together, before the interpreter exits: a gloo group left alive then can abort a rank at exit
+    # (seen under ZeRO-3: "terminate called without an active exception")
+    cleanup()
     if metrics and env_from().is_main:   # one line, not one per rank interleaved on a shared stdout
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     if metrics.get("preempted") and not metrics.get("requeued"):

@@ -382,9 +382,12 @@ def main(argv=None) -> int:
     a.model, a.hidden, a.dim, a.batch, a.image_size = ("resnet10t", 256, 64, 4, 16) if a.quick else \
         ("resnet18", 2048, 128, 8, 32)
     if a.worker:
+        from pretrain.dist import cleanup
+
         res = worker(a)
         if not dist.is_initialized() or dist.get_rank() == 0:
             Path(a.worker).write_text(json.dumps(res))
+        cleanup()   # with every rank, before exit (a gloo group alive at exit can abort a rank: exit -6)
         return 0
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}

@@ -51,17 +51,18 @@ for m in "${METHODS[@]}"; do
       >> "$RESULTS"
   done
 done
-RANDOM_INIT=(--model resnet18 --model-kwargs '{"zero_init_last": false}')
+# the floor: a randomly initialised backbone (FLOOR_MODEL / FLOOR_KWARGS, e.g. the digits ViT for DINO/iBOT)
+RANDOM_INIT=(--model "${FLOOR_MODEL:-resnet18}" --model-kwargs "${FLOOR_KWARGS:-{\"zero_init_last\": false}}")
 for kind in knn linear; do
   pretrain eval $kind "${RANDOM_INIT[@]}" "${EV[@]}" | last_json \
     | python -c "import json,sys; r=json.load(sys.stdin); r.update(method='random init'); print(json.dumps(r))" >> "$RESULTS"
   pretrain eval $kind --raw-pixels "${EV[@]}" | last_json \
     | python -c "import json,sys; r=json.load(sys.stdin); r.update(method='raw pixels'); print(json.dumps(r))" >> "$RESULTS"
 done
-python - "$RESULTS" "$BUDGET_S" <<'PY'
+python - "$RESULTS" "$BUDGET_S" "${FLOOR_MODEL:-resnet18}" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(f"\nsame budget: {sys.argv[2]} s of training per method (ResNet-18, 16 px, batch 256)\n")
+print(f"\nsame budget: {sys.argv[2]} s of training per method (16 px, batch 256; random init: {sys.argv[3]})\n")
 print("| method | kNN top-1 | linear top-1 | images/s | peak memory | steps | train s |\n|---|---|---|---|---|---|---|")
 for m in dict.fromkeys(r["method"] for r in rows):
     r = {x["eval"]: x for x in rows if x["method"] == m}

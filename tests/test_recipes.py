@@ -68,6 +68,7 @@ OLD = {
     # DINO and iBOT: SwAV's digits crops (2 global at 30-100%, 4 local at 10-30%) on the quickstart's augmentation
     "digits_dino.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
     "digits_ibot.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
+    "digits_moco_v3_vit.yaml": [_OLD_QUICKSTART] * 2,   # MoCo v3 on the DINO digits ViT, the quickstart's crops
 }
 
 

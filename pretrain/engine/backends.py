@@ -1,7 +1,7 @@
 """Training backends: the one place that knows whether DDP or DeepSpeed runs the model.
 
 The loop only calls: `phase(name)`, `accumulate(last)`, `forward(batch, ctx)`, `backward(loss)`,
-`step(ctx, need_norm)`, `set_lr(lr, peak, weight_decay)`, `save(path, client_state)` and `load(path)`. `module`
+`step(ctx, need_norm)`, `set_lr(lr, peak, weight_decay, values)`, `save(path, client_state)` and `load(path)`. `module`
 is the bare method for hooks and eval. `step` runs the method's `on_gradients(ctx, grads)` hook between the
 last backward and the optimizer step, with a `Gradients` view that reads and writes full gradients under
 either backend.
@@ -42,18 +42,22 @@ def _precision(cfg):
     return DTYPES[cfg.train.precision]
 
 
-def group_lr(group: dict, lr: float, peak: float) -> float:
+def group_lr(group: dict, lr: float, peak: float, values: Optional[dict] = None) -> float:
     """A parameter group's LR when the schedule says `lr` (peak: `peak`): its `fixed_lr` keeps the peak,
-    its `lr_scale` scales either (Method.param_groups)."""
+    its `lr_scale` scales either (Method.param_groups); 0 while the step's scheduled value named by its
+    `frozen_by` (`values`: the step context's) is > 0 (DINO's last layer in its first epoch)."""
+    if group.get("frozen_by") and (values or {}).get(group["frozen_by"], 0) > 0:
+        return 0.0
     return (peak if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
 
 
-def set_group_lrs(optimizers, lr: float, peak: float, weight_decay: Optional[float] = None) -> None:
+def set_group_lrs(optimizers, lr: float, peak: float, weight_decay: Optional[float] = None,
+                  values: Optional[dict] = None) -> None:
     """Every group's LR (group_lr) and, when given, its weight decay: optim.weight_decay's value at this step
     times the group's `wd_mult` (what Method.param_groups gave it for a weight decay of 1)."""
     for opt in optimizers:
         for g in opt.param_groups:
-            g["lr"] = group_lr(g, lr, peak)
+            g["lr"] = group_lr(g, lr, peak, values)
             if weight_decay is not None:
                 g["weight_decay"] = g.get("wd_mult", 1.0) * weight_decay
 
@@ -73,25 +77,27 @@ def build_optimizers(method, cfg) -> dict:
 
 class Gradients:
     """Full (unpartitioned, unscaled) gradients between the backward and the optimizer step, for
-    `Method.on_gradients`: plain `.grad` under DDP; under DeepSpeed its `safe_get_full_grad` /
-    `safe_set_full_grad`, which reach ZeRO's partitioned fp32 gradient buffers (a collective under ZeRO-3:
-    every rank must make the same calls)."""
+    `Method.on_gradients`: plain `.grad` under DDP (GradScaler's unscale_ has run); under DeepSpeed its
+    `safe_get_full_grad` / `safe_set_full_grad`, which reach ZeRO's partitioned fp32 gradient buffers (a
+    collective under ZeRO-3: every rank must make the same calls), still multiplied by fp16's loss scale
+    `scale` until ZeRO's step: divided out here (DeepSpeed fp16 is not testable on CPU)."""
 
-    def __init__(self, deepspeed: bool = False):
-        self.deepspeed = deepspeed
+    def __init__(self, deepspeed: bool = False, scale: float = 1.0):
+        self.deepspeed, self.scale = deepspeed, scale
 
     def get(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         if self.deepspeed:
             from deepspeed.utils import safe_get_full_grad
 
-            return safe_get_full_grad(p)
+            g = safe_get_full_grad(p)
+            return g if g is None or self.scale == 1.0 else g / self.scale
         return p.grad
 
     def set(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         if self.deepspeed:
             from deepspeed.utils import safe_set_full_grad
 
-            safe_set_full_grad(p, value)
+            safe_set_full_grad(p, value if self.scale == 1.0 else value * self.scale)
         elif p.grad is None:
             p.grad = value.to(p.dtype).clone()
         else:
@@ -222,8 +228,9 @@ class DDPBackend(_Phases):
                 dist.broadcast(b, 0)
         return norm
 
-    def set_lr(self, lr: float, peak: Optional[float] = None, weight_decay: Optional[float] = None):
-        set_group_lrs(self.optimizers.values(), lr, lr if peak is None else peak, weight_decay)
+    def set_lr(self, lr: float, peak: Optional[float] = None, weight_decay: Optional[float] = None,
+               values: Optional[dict] = None):
+        set_group_lrs(self.optimizers.values(), lr, lr if peak is None else peak, weight_decay, values)
 
     def eval_module(self):
         """The method to run evaluation forwards on, outside the training wrapper."""
@@ -389,13 +396,16 @@ class DeepSpeedBackend(_Phases):
         """The method's on_gradients hook on the accumulated gradients, then the engine's (clipping) step."""
         ctx = ctx or self.module.step_context(phase=self._phase)
         engine = self.engines[ctx.phase]
-        self.module.on_gradients(ctx, Gradients(deepspeed=True))
+        scale = float(getattr(engine.optimizer, "loss_scale", 1.0)) if self.dtype is torch.float16 else 1.0
+        self.module.on_gradients(ctx, Gradients(deepspeed=True, scale=scale))
         engine.step()
         norm = engine.get_global_grad_norm()   # DeepSpeed computes it anyway
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 
-    def set_lr(self, lr: float, peak: Optional[float] = None, weight_decay: Optional[float] = None):
-        set_group_lrs([e.optimizer for e in self.engines.values()], lr, lr if peak is None else peak, weight_decay)
+    def set_lr(self, lr: float, peak: Optional[float] = None, weight_decay: Optional[float] = None,
+               values: Optional[dict] = None):
+        set_group_lrs([e.optimizer for e in self.engines.values()], lr, lr if peak is None else peak, weight_decay,
+                      values)
 
     def _stage3(self) -> bool:
         return self.config["zero_optimization"].get("stage", 0) == 3

@@ -175,7 +175,7 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
         engine_values = {k: s(step, p["total"], p["steps_per_epoch"]) for k, s in p["schedules"].items()}
         ctx = method.step_context(step, p["total"], p["steps_per_epoch"], **engine_values)
         lr = ctx["lr"]
-        backend.set_lr(lr, p["lr"], ctx["weight_decay"])
+        backend.set_lr(lr, p["lr"], ctx["weight_decay"], ctx.values)
         method.before_step(ctx)
         done = step + 1
         log_now = done % cfg.log.every_steps == 0 or done == p["total"]

@@ -61,11 +61,17 @@ def rule_groups(module: nn.Module, weight_decay: float, no_decay: Callable[[str,
 
 
 def vit_layer_ids(vit: nn.Module) -> Dict[str, int]:
-    """Parameter name -> depth for layer-wise LR decay of a timm model (its `group_matcher`, as timm's
-    param_groups_layer_decay): 0 for the embeddings, i for block i-1, the largest for the final norm/head."""
-    from timm.models import group_parameters
-
-    return group_parameters(vit, vit.group_matcher(coarse=False), reverse=True)
+    """Parameter name -> layer for layer-wise LR decay of a timm ViT, as DINOv2's get_vit_lr_decay_rate: 0 for
+    the embeddings (patch_embed, pos_embed, class/register tokens), i + 1 for block i, depth + 1 for the rest
+    (final norm, head). (timm's group_matcher puts the final norm with the last block: one layer off.)"""
+    depth = len(vit.blocks)
+    out = {}
+    for name, _ in vit.named_parameters():
+        if name.startswith("blocks."):
+            out[name] = int(name.split(".")[1]) + 1
+        else:
+            out[name] = 0 if name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token")) else depth + 1
+    return out
 
 
 class _ViewCount:
@@ -137,7 +143,8 @@ class Method(nn.Module):
     def param_groups(self, weight_decay: float, phase: str = "main") -> List[dict]:
         """Groups of parameters for `phase`'s optimizer. Besides torch's keys a group may carry
         `lars_exclude` (no LARS adaptation), `lr_scale` (its LR is the scheduled LR times this; Barlow
-        Twins' biases) and `fixed_lr` (it keeps the peak LR throughout; SimSiam's predictor).
+        Twins' biases), `fixed_lr` (it keeps the peak LR throughout; SimSiam's predictor) and `frozen_by` (a
+        `scheduled` key: the group's LR is 0 while its value is > 0; DINO's last layer in epoch 0).
 
         Here: weight decay on weights; none on biases, norm parameters (any 1-D tensor) and what any
         submodule lists in its `no_weight_decay()` (timm's ViT: pos_embed, cls_token), as timm's

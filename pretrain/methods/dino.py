@@ -13,8 +13,10 @@ Everything that can overflow (the softmaxes, the centre, the weight-normalised l
 float32 whatever the engine's dtype (pretrain/losses/dino.py). Schedules (pretrain/schedules.py, per step,
 so resume is exact): teacher_temp (0.04 -> 0.07 over 30 epochs), momentum (cosine 0.996 -> 1), the weight
 decay (optim.weight_decay, cosine 0.04 -> 0.4 in the configs), freeze_last_layer (1 in epoch 0: the last
-layer's gradient is zeroed in `on_gradients`). DINO clips each parameter's gradient norm to `clip_grad`
-(utils.clip_gradients), also in `on_gradients`; train.clip_grad (a global norm) stays 0.
+layer's parameter group has LR 0, `frozen_by`, as DINOv2 does; DINO sets its gradient to None, which
+DeepSpeed's flat buffers cannot express, and zeroing it instead would leave AdamW's step count running, so its
+first updates after the freeze would be ~3x too large). DINO clips each parameter's gradient norm to
+`clip_grad` (utils.clip_gradients) in `on_gradients`; train.clip_grad (a global norm) stays 0.
 
 DINOv2-style options: `centering: sinkhorn`, `koleo_weight` (KoLeo on the student's global-crop features,
 nearest neighbours over the global batch), `layer_decay` and `patch_embed_lr_mult` (parameter groups).
@@ -121,19 +123,35 @@ class DINO(MomentumMethod):
         depth = max(layers.values(), default=0)
 
         def lr_scale(name: str) -> float:
+            if name == "mask_token":   # iBOT's: with the embeddings, as DINOv2
+                return self.layer_decay ** depth if layers else 1.0
             if not name.startswith("backbone."):
                 return 1.0
             inner = name[len("backbone."):]
             scale = self.layer_decay ** (depth - layers.get(inner, depth)) if layers else 1.0
             return scale * (self.patch_embed_lr_mult if inner.startswith("patch_embed.") else 1.0)
 
-        return rule_groups(self, weight_decay, lambda name, p: p.ndim <= 1 or name.endswith(".bias"), lr_scale)
+        groups = rule_groups(self, weight_decay, lambda name, p: p.ndim <= 1 or name.endswith(".bias"), lr_scale)
+        last = {id(p) for h in self.last_layers() for p in h.last_layer_params()}
+        frozen = [{**g, "params": [p for p in g["params"] if id(p) in last], "frozen_by": "freeze_last_layer"}
+                  for g in groups]
+        rest = [{**g, "params": [p for p in g["params"] if id(p) not in last]} for g in groups]
+        return [g for g in rest + frozen if g["params"]]
+
+    def last_layers(self) -> List[nn.Module]:
+        """The heads whose last layer is frozen early on (iBOT's separate patch head too)."""
+        return [self.head]
+
+    def before_step(self, ctx) -> None:
+        freeze = self.schedules["freeze_last_layer"]
+        if freeze.shape == "constant" and freeze.start > 0:   # main_dino.py's `--freeze_last_layer 1` means 1 epoch
+            from pretrain.config import ConfigError
+
+            raise ConfigError(f"method.freeze_last_layer={freeze.start:g} would freeze the last layer for the whole run; "
+                              f"for N epochs write {{shape: step, start: 1, end: 0, epochs: N}} (0: no freeze)")
 
     def on_gradients(self, ctx, grads) -> None:
-        """The last layer frozen while ctx["freeze_last_layer"] > 0 (its gradient zeroed: with the weight
-        normalised, the output does not move); then each parameter's gradient norm clipped to clip_grad."""
-        if ctx["freeze_last_layer"] > 0:
-            grads.zero_(self.head.last_layer_params())
+        """Each parameter's gradient norm clipped to clip_grad (DINO's utils.clip_gradients)."""
         if self.clip_grad > 0:
             for p in self.parameters():
                 if not p.requires_grad:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from pretrain.data.masking import BlockMasking
 from pretrain.losses.dino import dino_loss, ibot_patch_loss
-from pretrain.methods.dino import DINO, no_drop_path
+from pretrain.methods.dino import DINO, dino_views, no_drop_path
 from pretrain.methods.registry import METHODS
 from pretrain.models import DINOHead
 from pretrain.models.vit import is_vit, patch_grid, split_tokens, vit_tokens
@@ -35,6 +35,7 @@ from pretrain.params import choice, fraction, non_negative, pair, positive
 
 @METHODS.register("ibot")
 class IBOT(DINO):
+    views = dino_views((0.25, 1.0), (0.05, 0.25), 10, 96)   # the README's ViT-S recipe: 2 x 224 + 10 x 96
     defaults = {
         **DINO.defaults,
         "out_dim": 8192,
@@ -80,10 +81,8 @@ class IBOT(DINO):
         """(student, teacher) heads of the patch tokens: the class token's, or the separate pair."""
         return (self.patch_head, self.key_patch_head) if self.separate else (self.head, self.key_head)
 
-    def on_gradients(self, ctx, grads) -> None:
-        super().on_gradients(ctx, grads)
-        if ctx["freeze_last_layer"] > 0 and self.separate:
-            grads.zero_(self.patch_head.last_layer_params())
+    def last_layers(self):
+        return [self.head, self.patch_head] if self.separate else [self.head]
 
     def _tokens(self, vit, crops, masks=None, mask_token=None):
         """Global crops [2, B, 3, S, S] -> class tokens [2B, D] and patch tokens [2B, N, D]."""
