@@ -121,3 +121,12 @@ def test_unknown_and_unbuildable_models_are_clear_errors():
         create_backbone("resnet19")
     with pytest.raises(ModelError, match="could not build"):
         create_backbone("resnet18", {"no_such_argument": 1})
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if not hasattr(METHODS.get(n), "sample")])
+def test_features_take_the_backbone_the_monitor_names(name):
+    """The kNN monitor calls method.features(images, eval.which): every method accepts "default" (CPC's own
+    features too)."""
+    _, m = _small(name)
+    m.eval()
+    assert m.features(torch.randn(2, 3, 16, 16), "default").shape[0] == 2

@@ -91,9 +91,11 @@ class CPC(Method):
         return z.view(B, G, G, -1).permute(0, 3, 1, 2)                   # [B, D, G, G]
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, which: str = "default") -> torch.Tensor:
         """Evaluation features as in CPC v2: the patch embeddings averaged over the grid, [B, D]
-        (the exported patch encoder on a whole image is another, usually weaker, option)."""
+        (the exported patch encoder on a whole image is another, usually weaker, option). One backbone: `which`
+        must be "default" (export_backbone says so otherwise)."""
+        self.export_backbone(which)
         return self.encode_patches(images).mean((2, 3))
 
     def training_step(self, batch, ctx):
