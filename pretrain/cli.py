@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the trained backbone as safetensors + JSON")
     e.add_argument("run_dir", help="run dir (newest checkpoint) or a checkpoint")
     e.add_argument("--out", required=True)
-    e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo: query, the default, or key)")
+    e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo, BYOL: query, the default, or key; DINO, iBOT: teacher, the default, or student)")
     e.set_defaults(fn=cmd_export)
 
     v = sub.add_parser("eval", help="kNN or linear probe on frozen features; gen: generative metrics")

@@ -256,3 +256,55 @@ def test_train_tears_its_process_group_down(tmp_path, digits_shards):
     assert main(["train", *[str(a) for a in _dino(digits_shards, tmp_path / "run", **{
         "train.max_steps": 1, "train.backend": "deepspeed", "deepspeed.zero_stage": 3})]]) == 0
     assert not dist.is_initialized()
+
+
+def _small_dino(name="dino", *extra):
+    cfg = load_config(f"configs/digits_{name}.yaml", ["data.train=x", *SMALL_VIT, "method.out_dim=256",
+                                                      "method.hidden_dim=64", "method.bottleneck_dim=32",
+                                                      "method.num_local_crops=2", *extra])
+    torch.manual_seed(0)
+    return create_method(cfg)
+
+
+def _views_batch(m, B=4):
+    from pretrain.data.views import view_groups
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"views": [torch.randn(len(i), B, 3, s, s, generator=g) for s, i in view_groups(m.views, 16)]}
+    if m.masking is not None:
+        batch["masks"] = m.masking(B, g)
+    return batch
+
+
+def test_monitor_and_export_choose_the_teacher_or_the_student():
+    """DINO's default backbone (kNN monitor's eval.which, export's --which) is the teacher; `student` the other."""
+    m = _small_dino().eval()
+    with torch.no_grad():
+        for p in m.key_backbone.parameters():
+            p.add_(0.01)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(m.features(x), m.key_backbone(x))
+    torch.testing.assert_close(m.features(x, "teacher"), m.key_backbone(x))
+    torch.testing.assert_close(m.features(x, "student"), m.backbone(x))
+    assert not torch.allclose(m.features(x, "student"), m.features(x))
+    with pytest.raises(ValueError, match="teacher"):
+        m.features(x, "bogus")
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("dino", ["method.centering=sinkhorn", "method.koleo_weight=0.1"]),
+    ("ibot", ["method.centering=sinkhorn", "method.koleo_weight=0.1", "method.patch_head=separate",
+              "method.patch_out_dim=128", "model.kwargs.reg_tokens=4"]),
+    ("ibot", ["method.layer_decay=0.75", "method.patch_embed_lr_mult=0.2"])])
+def test_dinov2_options_train(name, extra):
+    """The DINOv2-style options (Sinkhorn-Knopp centering, KoLeo, a separate patch head, register tokens, layer
+    decay) through the method: finite losses, every trainable parameter but the frozen-by-schedule ones gets a
+    gradient, KoLeo reported."""
+    m = _small_dino(name, *extra)
+    out = m.training_step(_views_batch(m), m.step_context(5, 10, 2))
+    assert torch.isfinite(out["loss"])
+    if "method.koleo_weight=0.1" in extra:
+        assert torch.isfinite(out["koleo"])
+    out["loss"].backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
