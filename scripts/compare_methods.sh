@@ -52,7 +52,8 @@ for m in "${METHODS[@]}"; do
   done
 done
 # the floor: a randomly initialised backbone (FLOOR_MODEL / FLOOR_KWARGS, e.g. the digits ViT for DINO/iBOT)
-RANDOM_INIT=(--model "${FLOOR_MODEL:-resnet18}" --model-kwargs "${FLOOR_KWARGS:-{\"zero_init_last\": false}}")
+DEFAULT_FLOOR_KWARGS='{"zero_init_last": false}'
+RANDOM_INIT=(--model "${FLOOR_MODEL:-resnet18}" --model-kwargs "${FLOOR_KWARGS:-$DEFAULT_FLOOR_KWARGS}")
 for kind in knn linear; do
   pretrain eval $kind "${RANDOM_INIT[@]}" "${EV[@]}" | last_json \
     | python -c "import json,sys; r=json.load(sys.stdin); r.update(method='random init'); print(json.dumps(r))" >> "$RESULTS"
