@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from pretrain import comm
 from pretrain import dist as pdist
@@ -53,8 +52,7 @@ def plan(cfg, world: int) -> dict:
         deepspeed_config(cfg, world)
     lr = scaled_lr(cfg.optim.lr, gb, cfg.optim.lr_scaling)
     try:
-        wd = Schedule.parse(OmegaConf.to_object(cfg.optim.weight_decay) if OmegaConf.is_config(cfg.optim.weight_decay)
-                            else cfg.optim.weight_decay)
+        wd = Schedule.parse(cfg.optim.weight_decay)   # a number, or a mapping (a DictConfig is one)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"optim.weight_decay: {e}") from None
     return dict(local_batch=local_batch, steps_per_epoch=steps_per_epoch, total=total,
