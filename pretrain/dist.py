@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import List, Mapping, Optional
@@ -116,4 +117,10 @@ def cleanup() -> None:
         try:
             comm.barrier()
         finally:
-            dist.destroy_process_group()
+            # DeepSpeed keeps its own clones of the world group; its destroy releases them too, or the next engine
+            # made in this process (a notebook, the tests) fails on a group that is "not registered".
+            ds = sys.modules.get("deepspeed.comm")
+            if ds is not None and ds.is_initialized():
+                ds.destroy_process_group()
+            else:
+                dist.destroy_process_group()
