@@ -268,3 +268,52 @@ def test_random_masking_exact_count_and_uniform():
     assert not RandomMasking(4, ratio=0.0)(3, torch.Generator()).any()
     with pytest.raises(ValueError, match="ratio"):
         RandomMasking(4, ratio=1.0)
+
+
+def test_keep_gather_restore_is_a_true_permutation():
+    """MAE's shuffle/restore: visible and masked index sets are disjoint and cover every patch, the exact count
+    is kept, and restore(gather(x)) puts each visible token back at its own position (the rest: the fill)."""
+    from pretrain.data.masking import RandomMasking
+    from pretrain.models.vit import gather_tokens, keep_indices, restore_tokens
+
+    masks = RandomMasking((4, 5), 1, 0.75)(6, torch.Generator().manual_seed(3))[0]      # [6, 20]
+    keep = keep_indices(masks)
+    assert keep.shape == (6, 20 - 15)
+    for row, k in zip(masks, keep):
+        masked = row.nonzero().flatten()
+        assert sorted(k.tolist() + masked.tolist()) == list(range(20))              # disjoint and complete
+        assert not row[k].any()
+    x = torch.randn(6, 20, 3, dtype=torch.float64)
+    fill = torch.tensor([7.0, 8.0, 9.0], dtype=torch.float64)
+    back = restore_tokens(gather_tokens(x, keep), keep, 20, fill)
+    for b in range(6):
+        for n in range(20):
+            torch.testing.assert_close(back[b, n], fill if masks[b, n] else x[b, n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same number"):
+        keep_indices(torch.tensor([[True, False], [True, True]]))
+
+
+def test_vit_tokens_with_keep_runs_only_the_kept_patches():
+    """keep: the encoder sees exactly the kept patches (each with its own position embedding): equal to running
+    timm's blocks by hand on the gathered tokens; masked patches get no gradient at the pixels."""
+    from pretrain.models.vit import keep_indices
+
+    torch.manual_seed(0)
+    vit = _vit()
+    vit.eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)   # 4 x 4 patches of 8 px
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, [0, 5, 6, 15]] = True
+    masks[1, [1, 2, 3, 4]] = True
+    keep = keep_indices(masks)
+    out = vit_tokens(vit, x, keep=keep)
+    assert out.shape == (2, vit.num_prefix_tokens + 12, vit.embed_dim)
+    with torch.no_grad():                                   # independent route: timm's pieces, tokens picked by hand
+        t = vit._pos_embed(vit.patch_embed(x))
+        P = vit.num_prefix_tokens
+        ref = torch.stack([torch.cat([t[b, :P], t[b, P:][~masks[b]]]) for b in range(2)])
+        ref = vit.norm(vit.blocks(vit.norm_pre(ref)))
+    torch.testing.assert_close(out.detach(), ref)
+    out.sum().backward()
+    g = x.grad.reshape(2, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1).abs().sum(-1)  # [B, patches]
+    assert (g[masks] == 0).all() and (g[~masks] > 0).all()

@@ -1,4 +1,4 @@
-"""Token-level access to timm Vision Transformers, for masked-image methods (iBOT, later MAE).
+"""Token-level access to timm Vision Transformers, for masked-image methods (iBOT, MAE, I-JEPA).
 
 `vit_tokens` runs timm's own stages of `VisionTransformer.forward_features` (patch_embed, _pos_embed,
 patch_drop, norm_pre, blocks, norm) and, between the patch embedding and the position embedding,
@@ -67,8 +67,33 @@ def _mask_embeddings(x: torch.Tensor, masks: torch.Tensor, mask_token: torch.Ten
     return torch.where(m, mask_token.reshape(D).to(x.dtype), x)
 
 
+def keep_indices(masks: torch.Tensor) -> torch.Tensor:
+    """masks bool [B, N] (True = masked) with the same number of False in every row -> the visible patches'
+    indices, Long [B, K] ascending (MAE's ids_keep, up to order: a transformer after the position embedding
+    does not see token order). A batch whose rows keep different counts cannot stack: that is an error."""
+    counts = (~masks).sum(-1)                                     # [B]
+    if masks.ndim != 2 or (counts != counts[:1]).any():
+        raise ValueError(f"keep_indices needs bool masks [B, N] that keep the same number of patches in every row, "
+                         f"got shape {tuple(masks.shape)} keeping {sorted(set(counts.flatten().tolist()))}; draw them "
+                         f"with a fixed-count masking (RandomMasking)")
+    return (~masks).nonzero()[:, 1].reshape(masks.shape[0], -1)   # row-major nonzero: rows in order, ascending
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], index Long [B, K] -> [B, K, D]: row b holds x[b, index[b]] (the gradient flows to those only)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def restore_tokens(x: torch.Tensor, index: torch.Tensor, num_patches: int, fill: torch.Tensor) -> torch.Tensor:
+    """The inverse of `gather_tokens` (MAE's unshuffle with ids_restore): x [B, K, D] placed at positions
+    index [B, K] of a [B, num_patches, D] sequence whose other positions hold `fill` [D] (the mask token)."""
+    B, K, D = x.shape
+    out = fill.reshape(1, 1, D).to(x.dtype).expand(B, num_patches, D)
+    return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, D), x)
+
+
 def vit_tokens(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
-               mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+               mask_token: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The final normed tokens of a timm ViT, as `model.forward_features(images)`, with masked patches'
     embeddings replaced by `mask_token` before the position embedding.
 
@@ -78,22 +103,30 @@ def vit_tokens(model: nn.Module, images: torch.Tensor, masks: Optional[torch.Ten
         masks: None, or bool [B, h*w] / [B, h, w] over the patch grid (`patch_grid(model, H)`), row-major;
             True = masked. An all-False mask gives exactly the unmasked result.
         mask_token: [D] or [1, 1, D] (an nn.Parameter of the method), required with masks.
+        keep: None, or Long [B, K] patch indices (`keep_indices`): only these patches enter the blocks, after
+            the position embedding (MAE's encoder, I-JEPA's context encoder); the dropped ones get no gradient.
     Returns:
-        [B, P + h*w, D]: P = model.num_prefix_tokens prefix tokens (class token first, then register
-        tokens), then the patch tokens in row-major order (`split_tokens` separates them).
+        [B, P + h*w, D] (with keep: [B, P + K, D]): P = model.num_prefix_tokens prefix tokens (class token
+        first, then register tokens), then the patch tokens in row-major order (with keep: in `keep`'s
+        order); `split_tokens` separates them.
     """
     _check_vit(model)
+    if keep is not None and masks is not None:
+        raise ValueError("vit_tokens takes masks (replace patches by the mask token) or keep (drop them), not both")
     x = model.patch_embed(images)                                  # [B, h*w, D], or [B, h, w, D] (dynamic_img_size)
+    drop = getattr(model, "patch_drop", None)
+    if (masks is not None or keep is not None) and isinstance(drop, PatchDropout) and drop.training and drop.prob > 0:
+        raise ValueError(f"'{_name(model)}' drops {drop.prob:.0%} of its patch tokens in training (patch_drop_rate), "
+                         f"so its outputs no longer line up with the mask; set model.kwargs.patch_drop_rate=0")
     if masks is not None:
-        drop = getattr(model, "patch_drop", None)
-        if isinstance(drop, PatchDropout) and drop.training and drop.prob > 0:
-            raise ValueError(f"'{_name(model)}' drops {drop.prob:.0%} of its patch tokens in training (patch_drop_rate), "
-                             f"so its outputs no longer line up with the mask; set model.kwargs.patch_drop_rate=0")
         x = _mask_embeddings(x, masks, mask_token)
     x = model._pos_embed(x)                                        # [B, P + h*w, D]
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"'{_name(model)}' ({type(model).__name__}) is not a plain timm VisionTransformer (its _pos_embed "
                          f"returns {type(x).__name__}); use a vit_* / deit* model")
+    if keep is not None:
+        P = model.num_prefix_tokens
+        x = torch.cat([x[:, :P], gather_tokens(x[:, P:], keep.to(x.device))], 1)   # [B, P + K, D]
     for stage in ("patch_drop", "norm_pre"):
         x = getattr(model, stage, nn.Identity())(x)
     if getattr(model, "grad_checkpointing", False) and not torch.jit.is_scripting():
