@@ -25,7 +25,9 @@ ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"
            # embedding (MoCo v3's trick), no masking, the paper's loss ablations (iBOT lambda1/lambda2)
            *[(m, k) for m in ("dino", "ibot") for k in ("center_momentum", "clip_grad", "freeze_last_layer",
                                                          "num_local_crops", "koleo_weight", "patch_embed_lr_mult")],
-           ("ibot", "mask_prob"), ("ibot", "cls_weight"), ("ibot", "patch_weight")}
+           ("ibot", "mask_prob"), ("ibot", "cls_weight"), ("ibot", "patch_weight"),
+           # I-JEPA: a target encoder that copies the context encoder; a context of any nonempty size
+           ("ijepa", "momentum"), ("ijepa", "min_keep")}
 
 
 def _cfg(name, key=None, value=None):

@@ -69,6 +69,7 @@ OLD = {
     "digits_dino.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
     "digits_ibot.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
     "digits_moco_v3_vit.yaml": [_OLD_QUICKSTART] * 2,   # MoCo v3 on the DINO digits ViT, the quickstart's crops
+    "digits_ijepa.yaml": [{**_OLD_QUICKSTART, "jitter_p": 0.0, "blur_p": 0.0}],   # I-JEPA: the quickstart's crop only
 }
 
 
@@ -129,6 +130,8 @@ PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": M
          "swav": SWAV, "dino": DINO, "ibot": IBOT,
          "cpc": [MOCO_V2],     # CPC keeps its image-level augmentation (CPC v2 augments patches; docs/methods.md)
          "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}]}
+#: I-JEPA (Assran et al. 2023), facebookresearch/ijepa configs/in1k_vith14_ep300.yaml: RandomResizedCrop(scale 0.3-1) only
+PAPER["ijepa"] = [_spec((0.3, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0)]
 
 
 def _effective(view):

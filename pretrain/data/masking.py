@@ -140,3 +140,91 @@ class RandomMasking(_Masking):
         noise = torch.rand(self.num_views, batch_size, self.num_patches, generator=generator, device=generator.device)
         masks = torch.zeros(noise.shape, dtype=torch.bool, device=noise.device)
         return masks.scatter_(-1, noise.topk(self.num_masked, dim=-1).indices, True)   # the num_masked largest noises
+
+
+class MultiBlockMasking(_Masking):
+    """I-JEPA's multi-block masks (facebookresearch/ijepa, src/masks/multiblock.py MaskCollator): per image,
+    `num_targets` target blocks and one context block with the targets removed from it.
+
+    Per batch, one target block size and one context block size (as the official collator): a uniform u gives
+    the scale s = lo + u (hi - lo) and, from the same u (the official draws one number for both), the aspect
+    r = h / w = a_lo + u (a_hi - a_lo); k = int(h*w patches * s), h = round(sqrt(k r)), w = round(sqrt(k / r)),
+    clamped to [1, grid]. Per image: each target's top-left corner uniform over every position where the block
+    fits (targets may overlap each other); then the context block's corner, redrawn up to `tries` times until
+    the block minus the targets keeps more than min(min_keep, its area - 1) patches; after `tries` failures the
+    last target is no longer removed, and so on (the official relaxation), so the draw always ends. The context
+    and target index sets are then truncated, as the official collator, to the batch's smallest count (keeping
+    the first patches in row-major order), so they stack.
+
+    Returns bool [1 + num_targets, B, h*w]: view 0 = the context, views 1.. = the targets, True = NOT in that
+    set (the module's "masked" convention), so `keep_indices(masks[i])` gives set i's patch indices
+    (ascending, the same count in every row). Context and targets are disjoint unless the relaxation fired.
+
+    Args:
+        grid: (h, w) patches per image (`pretrain.models.vit.patch_grid`), or an int for a square grid.
+        num_targets: target blocks per image (I-JEPA: 4).
+        target_scale, target_aspect: ranges of the target blocks' area fraction and h / w (0.15-0.2, 0.75-1.5).
+        context_scale, context_aspect: the context block's (0.85-1.0, 1.0).
+        min_keep: the context keeps more than this many patches when it can (official config: 10).
+        tries: corner draws per relaxation level (official: 20).
+    """
+
+    def __init__(self, grid: Union[int, Sequence[int]], num_targets: int = 4,
+                 target_scale: Tuple[float, float] = (0.15, 0.2), target_aspect: Tuple[float, float] = (0.75, 1.5),
+                 context_scale: Tuple[float, float] = (0.85, 1.0), context_aspect: Tuple[float, float] = (1.0, 1.0),
+                 min_keep: int = 10, tries: int = 20):
+        super().__init__(grid, 1 + num_targets)
+        for name, (lo, hi), top in (("target_scale", target_scale, 1), ("context_scale", context_scale, 1),
+                                    ("target_aspect", target_aspect, None), ("context_aspect", context_aspect, None)):
+            if not 0 < lo <= hi or (top is not None and hi > top):
+                raise ValueError(f"masking {name} must be (lo, hi) with 0 < lo <= hi{' <= 1' if top else ''}, "
+                                 f"got {(lo, hi)}")
+        if min_keep < 0 or tries < 1:
+            raise ValueError(f"masking min_keep must be >= 0 and tries >= 1, got {min_keep}, {tries}")
+        self.num_targets, self.min_keep, self.tries = int(num_targets), int(min_keep), int(tries)
+        self.target_scale, self.target_aspect = tuple(map(float, target_scale)), tuple(map(float, target_aspect))
+        self.context_scale, self.context_aspect = tuple(map(float, context_scale)), tuple(map(float, context_aspect))
+
+    def block_size(self, u: float, scale: Tuple[float, float], aspect: Tuple[float, float]) -> Tuple[int, int]:
+        """(h, w) of a block from one uniform u in [0, 1) (the official `_sample_block_size`, clamped to the grid)."""
+        H, W = self.grid
+        k = int(H * W * (scale[0] + u * (scale[1] - scale[0])))
+        r = aspect[0] + u * (aspect[1] - aspect[0])
+        return min(max(int(round(math.sqrt(k * r))), 1), H), min(max(int(round(math.sqrt(k / r))), 1), W)
+
+    def _context(self, targets: np.ndarray, h: int, w: int, g: torch.Generator) -> np.ndarray:
+        """targets bool [T, H, W] of one image -> its context block [H, W] with the targets removed."""
+        H, W = self.grid
+        need = min(self.min_keep, h * w - 1)   # a block of <= min_keep patches: all of it (never an endless loop)
+        for level in range(self.num_targets + 1):
+            free = ~targets[:self.num_targets - level].any(0)
+            for u_top, u_left in torch.rand(self.tries, 2, generator=g, device=g.device).tolist():
+                top, left = int(u_top * (H - h + 1)), int(u_left * (W - w + 1))
+                block = np.zeros((H, W), dtype=bool)
+                block[top:top + h, left:left + w] = True
+                block &= free
+                if block.sum() > need:
+                    return block
+        raise AssertionError("unreachable: with no target removed the block keeps all its patches")
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """-> bool [1 + num_targets, batch_size, h*w] on the generator's device; True = not in that set."""
+        (H, W), T, B, g = self.grid, self.num_targets, batch_size, generator
+        u_target, u_context = torch.rand(2, generator=g, device=g.device).tolist()
+        th, tw = self.block_size(u_target, self.target_scale, self.target_aspect)
+        ch, cw = self.block_size(u_context, self.context_scale, self.context_aspect)
+        corners = torch.rand(B, T, 2, generator=g, device=g.device).tolist()
+        targets = np.zeros((T, B, H, W), dtype=bool)
+        contexts = []
+        for b in range(B):
+            for t, (u_top, u_left) in enumerate(corners[b]):
+                top, left = int(u_top * (H - th + 1)), int(u_left * (W - tw + 1))
+                targets[t, b, top:top + th, left:left + tw] = True
+            contexts.append(self._context(targets[:, b], ch, cw, g))
+        sets = np.concatenate([np.stack(contexts)[None], targets]).reshape(T + 1, B, H * W)   # True = in the set
+        out = np.ones_like(sets)
+        for v, view in enumerate(sets):
+            keep = int(view.sum(-1).min())   # the batch's smallest set of this kind: every row keeps that many
+            for b, row in enumerate(view):
+                out[v, b, np.flatnonzero(row)[:keep]] = False
+        return torch.from_numpy(out).to(g.device)
