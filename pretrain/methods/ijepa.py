@@ -154,7 +154,7 @@ class IJEPA(MomentumMethod):
         with torch.no_grad():
             h = self.patch_tokens(self.key_backbone, images).float()         # [B, N, D]
             h = F.layer_norm(h, h.shape[-1:])                                # over the features, no affine (official)
-            targets = gather_tokens(h.repeat(T, 1, 1), target_idx.flatten(0, 1)).view(T, B, -1, h.shape[-1])
+            targets = torch.stack([gather_tokens(h, idx) for idx in target_idx])   # [T, B, K_t, D]
         pred = self.predictor(self.patch_tokens(self.backbone, images, context_idx), context_idx, target_idx)
         loss = prediction_loss(pred, targets, self.loss_kind)
         # the block sizes of this batch (the official log's mask-A / mask-B), on the loss's device
