@@ -46,7 +46,7 @@ def _multi_engine_weights(ckpt: Path, phase_dirs, config: dict) -> dict:
 
     from pretrain.methods import create_method
 
-    method = create_method(from_dict(config))
+    method = create_method(from_dict(config), warm_start=False)
     full = {id(v): k for k, v in method.state_dict(keep_vars=True).items()}
     sd = {}
     for d in phase_dirs:
@@ -68,7 +68,7 @@ def load_method(path):
 
     sd, config, step = load_checkpoint_weights(path)
     cfg = from_dict(config)
-    method = create_method(cfg)
+    method = create_method(cfg, warm_start=False)   # the checkpoint's weights, whatever model.pretrained_file says
     method.load_state_dict(sd)
     return method, cfg, step
 

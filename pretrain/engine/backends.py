@@ -424,7 +424,7 @@ class DeepSpeedBackend(_Phases):
         from pretrain.methods import create_method
 
         with torch.random.fork_rng(devices=[]):   # building the copy must not move the training RNG
-            copy = create_method(self.cfg).to(self.device)
+            copy = create_method(self.cfg, warm_start=False).to(self.device)
         gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None) \
             if self._stage3() else contextlib.nullcontext()
         with gather:

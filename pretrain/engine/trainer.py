@@ -125,7 +125,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     acc = cfg.train.grad_accum
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    method = create_method(cfg)
+    method = create_method(cfg, warm_start=resume_from is None)   # a resume loads its checkpoint, not model.pretrained_file
     if getattr(method, "sync_bn", False) and env.world_size > 1:
         method = convert_sync_bn(method, device)
     backend = create_backend(method, cfg, device)

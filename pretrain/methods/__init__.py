@@ -17,8 +17,12 @@ for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
 
-def create_method(cfg) -> Method:
+def create_method(cfg, warm_start: bool = True) -> Method:
     """Build the method named by `cfg.method.name` around `create_backbone(cfg.model...)`.
+
+    With `warm_start` and `cfg.model.pretrained_file` set, the backbone gets that file's weights before the
+    method is built (so EMA teachers and momentum encoders start from them); callers that load a checkpoint
+    over the method afterwards (resume, export) pass warm_start=False.
 
     `cfg` is the resolved run config (pretrain.config.load_config); the method's constructor
     receives its own `method.*` keys as keyword arguments (except those it lists in `scheduled`: they become
@@ -31,7 +35,8 @@ def create_method(cfg) -> Method:
     cls = METHODS.get(cfg.method.name)
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     validate(cls, kwargs)   # before anything is built: a bad method.* value fails at once
-    backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem)
+    backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem,
+                               cfg.model.get("pretrained_file") if warm_start else None)
     if "image_size" in inspect.signature(cls.__init__).parameters:
         kwargs["image_size"] = cfg.data.image_size
     mean_std = getattr(cls, "pixel_mean_std", None)
