@@ -139,14 +139,11 @@ def _features(a, spec, key):
     return extract_features(a.model_fn, loader, torch.device("cpu"), a.mean, a.std)
 
 
-def cmd_eval(a):
+def _eval_source(a) -> str:
+    """Set up the features of `pretrain eval knn|linear|fewshot|all`: a.model_fn (unless --raw-pixels), a.image_size,
+    a.mean, a.std, from --backbone / --run / --model / --raw-pixels; returns what the JSON lines call it."""
     import torch
 
-    from pretrain.evaluation import knn_accuracy, linear_probe
-
-    torch.set_flush_denormal(True)
-    if a.kind == "gen":
-        return cmd_eval_gen(a)
     if sum(map(bool, (a.backbone, a.model, a.raw_pixels, a.run))) != 1:
         raise ValueError("pass exactly one of --backbone PATH, --run RUN_DIR, --model NAME (random init) or --raw-pixels")
     meta = {"input_size": [3, a.image_size or 32, a.image_size or 32],
@@ -172,14 +169,69 @@ def cmd_eval(a):
         a.model_fn = torch.no_grad()(model.features if a.run else model)
     a.image_size = a.image_size or meta["input_size"][-1]
     a.mean, a.std = meta["mean"], meta["std"]
+    return a.backbone or (f"run {a.run} (method features)" if a.run else f"random-init {a.model}" if a.model else "raw pixels")
+
+
+def _class_names(spec):
+    """The class names in a `pretrain shards` split directory's index.json, else None."""
+    from pathlib import Path
+
+    path = Path(spec) / "index.json" if isinstance(spec, str) else None
+    return json.loads(path.read_text()).get("classes") if path is not None and path.is_file() else None
+
+
+def cmd_eval(a):
+    """knn | linear | fewshot | all (the three, and `pretrain finetune` with --finetune) on features extracted once:
+    one JSON line per result; `all` ends with a table on stderr."""
+    import torch
+
+    from pretrain.evaluation import eval_table, knn_accuracy, linear_probe
+    from pretrain.evaluation.fewshot import check_counts, check_shots, fewshot
+
+    torch.set_flush_denormal(True)
+    if a.kind == "gen":
+        return cmd_eval_gen(a)
+    kinds = ("knn", "linear", "fewshot") if a.kind == "all" else (a.kind,)
+    if "fewshot" in kinds:
+        check_counts(a.shots, a.seeds)   # before any work
+    if a.finetune is not None and (a.kind != "all" or not a.backbone):
+        raise ValueError("--finetune fine-tunes an exported backbone in `pretrain eval all --backbone PATH`; "
+                         "alone, run `pretrain finetune PATH --train ... --val ...`")
+    if a.overrides and a.finetune is None:
+        raise ValueError(f"{a.overrides[0]}: key=value arguments override the fine-tuning config of "
+                         f"`pretrain eval all --finetune [CONFIG]`; no other eval takes them")
+    what = _eval_source(a)
     tf, ty = _features(a, a.train, "--train")
+    names = _class_names(a.train)
+    if "fewshot" in kinds:
+        check_shots(ty, a.shots, names)   # before the val pass
     vf, vy = _features(a, a.val, "--val")
-    if a.kind == "knn":
-        acc = knn_accuracy(tf, ty, vf, vy, a.k, a.temperature)
-    else:
-        acc = linear_probe(tf, ty, vf, vy, epochs=a.epochs, weight_decay=a.weight_decay)
-    what = a.backbone or (f"run {a.run} (method features)" if a.run else f"random-init {a.model}" if a.model else "raw pixels")
-    print(json.dumps({"eval": a.kind, "backbone": what, "top1": round(acc, 4), "train": len(ty), "val": len(vy)}))
+    lines = []
+
+    def emit(line):
+        lines.append(line)
+        print(json.dumps(line), flush=True)
+
+    for kind in kinds:
+        if kind == "knn":
+            emit({"eval": kind, "backbone": what, "top1": round(knn_accuracy(tf, ty, vf, vy, a.k, a.temperature), 4),
+                  "train": len(ty), "val": len(vy)})
+        elif kind == "linear":
+            acc = linear_probe(tf, ty, vf, vy, epochs=a.epochs, weight_decay=a.weight_decay)
+            emit({"eval": kind, "backbone": what, "top1": round(acc, 4), "train": len(ty), "val": len(vy)})
+        else:
+            for r in fewshot(tf, ty, vf, vy, a.shots, range(a.seed, a.seed + a.seeds), names, epochs=a.epochs,
+                             weight_decay=a.weight_decay):
+                emit({"eval": kind, "backbone": what, "top1": round(r["top1"], 4), "shots": r["shots"],
+                      "seeds": r["seeds"], "std": None if r["std"] is None else round(r["std"], 4),
+                      "ci95": None if r["ci95"] is None else [round(c, 4) for c in r["ci95"]],
+                      "train": r["train"], "val": len(vy)})
+    if a.finetune is not None:
+        from pretrain.finetune import run
+
+        emit(run(a.backbone, a.train, a.val, a.overrides, a.finetune or None))
+    if a.kind == "all":
+        print(eval_table(lines), file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -217,8 +269,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo, BYOL: query, the default, or key; DINO, iBOT: teacher, the default, or student)")
     e.set_defaults(fn=cmd_export)
 
-    v = sub.add_parser("eval", help="kNN or linear probe on frozen features; gen: generative metrics")
-    v.add_argument("kind", choices=["knn", "linear", "gen"])
+    v = sub.add_parser("eval", help="kNN, linear or few-shot probe on frozen features, or all of them; gen: generative metrics",
+                       description="knn | linear | fewshot (N-shot linear probe over seeds) | all (the three on features "
+                                   "extracted once, and `pretrain finetune` with --finetune) print one JSON line per "
+                                   "result; `all` adds a table on stderr (docs/evaluation.md). gen: generative metrics.")
+    v.add_argument("kind", choices=["knn", "linear", "fewshot", "all", "gen"])
+    v.add_argument("overrides", nargs="*", help="all --finetune: key=value overrides of the fine-tuning config")
     v.add_argument("--run", help="gen: the generative run dir; knn/linear: evaluate the method's own features "
                                  "(e.g. CPC's patch-grid average) from this run's newest checkpoint")
     v.add_argument("--features", help="gen: exported backbone whose features the Frechet distance uses")
@@ -237,7 +293,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-samples", type=int, default=None)
     v.add_argument("--k", type=int, default=20)
     v.add_argument("--temperature", type=float, default=0.07)
-    v.add_argument("--epochs", type=int, default=200, help="linear: L-BFGS iterations")
+    v.add_argument("--epochs", type=int, default=200, help="linear, fewshot: L-BFGS iterations")
+    v.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="fewshot: labelled images per class")
+    v.add_argument("--seeds", type=int, default=5, help="fewshot: draws per shot count (seeds --seed, --seed+1, ...)")
+    v.add_argument("--finetune", nargs="?", const="", default=None, metavar="CONFIG",
+                   help="all: also fine-tune --backbone (`pretrain finetune`) with this experiment YAML (without one: "
+                        "its default, MAE's ViT-B recipe; configs/finetune_digits.yaml runs on a CPU)")
     v.add_argument("--weight-decay", type=float, default=1e-4)
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(fn=cmd_eval)

@@ -63,3 +63,17 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs: int = 100, lr: float 
     opt.step(closure)
     with torch.no_grad():
         return (clf(xte).argmax(1) == test_y).float().mean().item()
+
+
+def eval_table(lines) -> str:
+    """The eval JSON lines (dicts: eval, top1, and for few-shot shots/std/ci95) as a compact text table."""
+    rows = [("eval", "top1", "std", "95% CI", "train", "val")]
+    for r in lines:
+        ci = r.get("ci95")
+        rows.append((r["eval"] + (f" {r['shots']}-shot" if "shots" in r else ""),
+                     "-" if r.get("top1") is None else f"{r['top1']:.4f}",
+                     "-" if r.get("std") is None else f"{r['std']:.4f}",
+                     "-" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]", str(r.get("train", "-")), str(r.get("val", "-"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
