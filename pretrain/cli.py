@@ -1,4 +1,4 @@
-"""`pretrain` command line: shards | train | slurm | export | eval | sample | attention.
+"""`pretrain` command line: shards | train | slurm | export | finetune | eval | sample | attention.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit code 2.
 """
@@ -50,6 +50,19 @@ def cmd_export(a):
 
     out = export(a.run_dir, a.out, a.which)
     print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def cmd_finetune(a):
+    from pretrain.dist import env_from
+    from pretrain.finetune import run
+
+    out = run(a.backbone, a.train, a.val, a.overrides, a.config)
+    if env_from().is_main:
+        print(json.dumps(out))
+    if out.get("preempted") and not out.get("requeued"):   # as cmd_train: 128 + signal, so a scheduler restarts it
+        import signal
+
+        sys.exit(128 + signal.Signals[out["preempted"]])
 
 
 def cmd_attention(a):
@@ -268,6 +281,17 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo, BYOL: query, the default, or key; DINO, iBOT: teacher, the default, or student)")
     e.set_defaults(fn=cmd_export)
+
+    f = sub.add_parser("finetune", help="fine-tune an exported backbone on labelled shards (also under torchrun)",
+                       description="Full fine-tuning with a linear head, layer-wise LR decay, mixup/cutmix and label "
+                                   "smoothing (MAE's recipe; docs/finetune.md); prints one JSON line with the val top-1.")
+    f.add_argument("backbone", help="a .safetensors written by `pretrain export`")
+    f.add_argument("--train", required=True, help="shard spec of the labelled train split")
+    f.add_argument("--val", required=True, help="shard spec of the labelled val split (top-1 each eval.every_epochs)")
+    f.add_argument("--config", default=None, help="experiment YAML (default: configs/finetune_vit_base_mae.yaml, "
+                                                   "MAE's ViT-B recipe; configs/finetune_digits.yaml runs on a CPU)")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 run_dir=runs/ft")
+    f.set_defaults(fn=cmd_finetune)
 
     v = sub.add_parser("eval", help="kNN, linear or few-shot probe on frozen features, or all of them; gen: generative metrics",
                        description="knn | linear | fewshot (N-shot linear probe over seeds) | all (the three on features "

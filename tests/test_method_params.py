@@ -27,7 +27,9 @@ ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"
                                                          "num_local_crops", "koleo_weight", "patch_embed_lr_mult")],
            ("ibot", "mask_prob"), ("ibot", "cls_weight"), ("ibot", "patch_weight"),
            # I-JEPA: a target encoder that copies the context encoder; a context of any nonempty size
-           ("ijepa", "momentum"), ("ijepa", "min_keep")}
+           ("ijepa", "momentum"), ("ijepa", "min_keep"),
+           # fine-tuning: no label smoothing, no mixup / cutmix / mixing at all, only mixup (never CutMix)
+           *[("finetune", k) for k in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob")]}
 
 
 def _cfg(name, key=None, value=None):

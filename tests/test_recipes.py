@@ -129,7 +129,10 @@ PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": M
          "nnclr": BYOL,   # Dwibedi et al. 2021, section 4: BYOL's augmentation
          "swav": SWAV, "dino": DINO, "ibot": IBOT,
          "cpc": [MOCO_V2],     # CPC keeps its image-level augmentation (CPC v2 augments patches; docs/methods.md)
-         "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}]}
+         "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}],
+         # MAE fine-tuning, facebookresearch/mae util/datasets.py build_transform -> timm create_transform: crop
+         # 0.08-1 of the area, aspect 3/4-4/3, flip; colour jitter off (RandAugment on; it and random erasing have no view stage)
+         "finetune": [{**NONE, "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip_p": 0.5}]}
 #: I-JEPA (Assran et al. 2023), facebookresearch/ijepa configs/in1k_vith14_ep300.yaml: RandomResizedCrop(scale 0.3-1) only
 PAPER["ijepa"] = [_spec((0.3, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0)]
 

@@ -3,7 +3,7 @@
     setup -> resume -> for each step: schedules (LR, weight decay, the method's `scheduled` keys) into a
           StepContext -> method.before_step(ctx) -> for each optimizer phase (one for most methods; D then
           G for a GAN): forward(batch, ctx) -> backward (x grad_accum) -> method.on_gradients -> clip+step
-          -> method.after_step(ctx) (EMA etc.) -> log -> samples / kNN monitor -> checkpoint
+          -> method.after_step(ctx) (EMA etc.) -> log -> samples / monitor (kNN, or a classifier's top-1) -> checkpoint
           (-> on a preemption signal: checkpoint, requeue, stop)
 
 `train()` sets up and resumes; `_loop()` is the loop. Around it, `Preemption` turns SIGUSR1/SIGTERM
@@ -23,7 +23,7 @@ import torch
 from pretrain import comm
 from pretrain import dist as pdist
 from pretrain.config import ConfigError, batch_split, save_config, to_dict
-from pretrain.data import build_train_loader, count_samples, eval_loader
+from pretrain.data import DataError, build_train_loader, count_samples, eval_loader
 from pretrain.engine.backends import create_backend, deepspeed_config
 from pretrain.engine.checkpoint import Checkpointer, claim_run_dir
 from pretrain.engine.faults import Preemption, Watchdog, default_store
@@ -87,6 +87,44 @@ def knn_monitor(backend, cfg) -> float:
         out = [tuple(torch.cat([p[i][j] for p in parts if len(p[i][1])]) for j in range(2)) for i in range(2)]
     (tf, ty), (vf, vy) = out
     return knn_accuracy(tf, ty, vf, vy, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+@torch.no_grad()
+def top1_monitor(backend, cfg) -> dict:
+    """{"top1", "val_samples"}: top-1 of the method's classifier (`logits`) on data.val; every rank scores its share."""
+    rank, world = comm.world_info()
+    model = backend.eval_module()   # ranks see different numbers of batches: no collectives inside
+    was_training = model.training
+    model.eval()
+    loader = eval_loader(cfg.data.val, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, "data.val",
+                         max_image_pixels=cfg.data.max_image_pixels)
+    pred, y = extract_features(lambda x: model.logits(x).argmax(1, keepdim=True), loader, backend.device,
+                               cfg.data.mean, cfg.data.std, backend.dtype)   # [N, 1] class indices, [N] labels
+    model.train(was_training)
+    correct, n, unlabelled = map(sum, zip(*comm.all_gather_object(
+        (int((pred.flatten().long() == y).sum()), len(y), int((y < 0).sum())))))
+    if unlabelled or not n:
+        why = f"{unlabelled} samples without a .cls label" if unlabelled else "no readable samples"
+        raise DataError(f"data.val has {why}; the top-1 monitor needs labelled val shards")
+    return {"top1": correct / n, "val_samples": n}
+
+
+#: eval.monitor -> (backend, cfg) -> {name: value}, logged as eval/<name> (Method.monitor names the default)
+MONITORS = {"knn": lambda backend, cfg: {"knn_top1": knn_monitor(backend, cfg)}, "top1": top1_monitor}
+
+
+def monitor_for(cfg, method):
+    """The monitor the loop runs on data.val (eval.monitor; auto: the method's `monitor`), or None without
+    data.val or a backbone; errors name a monitor the method cannot have."""
+    every = cfg.eval.every_epochs
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"eval.every_epochs must be an integer >= 0 (0: off), got {every!r}")
+    kind = method.monitor if cfg.eval.monitor == "auto" else cfg.eval.monitor
+    if kind not in MONITORS:
+        raise ConfigError(f"eval.monitor must be auto, {' or '.join(MONITORS)}, got {kind!r}")
+    if kind == "top1" and not hasattr(method, "logits"):
+        raise ConfigError(f"eval.monitor=top1 needs a classifier; {cfg.method.name} has none (use knn, or method.name=finetune)")
+    return MONITORS[kind] if cfg.data.val and method.backbone is not None else None
 
 
 @torch.no_grad()
@@ -166,6 +204,7 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
     logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start)
     config_dict = to_dict(cfg)
 
+    monitor, monitor_epochs = monitor_for(cfg, method), cfg.eval.every_epochs * p["steps_per_epoch"]
     losses_sum, n_logged, wait, t_last, metrics = None, 0, 0.0, time.perf_counter(), {}
     multi = len(method.phases) > 1
     for step in range(start, p["total"]):
@@ -226,11 +265,12 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
             watch.mark(step, "eval")
             sample_grid(backend, cfg, logger, run_dir, done, env.is_main)
             t_last = time.perf_counter()
-        if cfg.data.val and method.backbone is not None and (
-                (cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]):
+        if monitor and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]
+                        or (monitor_epochs and done % monitor_epochs == 0)):
             watch.mark(step, "eval")
-            metrics["knn_top1"] = knn_monitor(backend, cfg)
-            logger.scalars(done, {"knn_top1": metrics["knn_top1"]}, prefix="eval/")
+            result = monitor(backend, cfg)
+            metrics.update(result)
+            logger.scalars(done, result, prefix="eval/")
             t_last = time.perf_counter()
         stop = preempt.check()   # True on every rank together, once any rank got a preemption signal
         if stop or done % cfg.checkpoint.every_steps == 0 or done == p["total"]:

@@ -110,6 +110,9 @@ class Method(nn.Module):
     requires_vit: bool = False
     #: False when `export_backbone()` is not a timm model (a GAN's DCGAN trunk): `pretrain export` refuses it
     timm_backbone: bool = True
+    #: the monitor the engine runs on data.val during training when eval.monitor=auto (pretrain/engine/trainer.py
+    #: MONITORS): "knn" (kNN top-1 of `features`) or "top1" (the top-1 of a classifier's `logits(images)`: finetune)
+    monitor: str = "knn"
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
