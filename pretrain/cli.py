@@ -73,6 +73,15 @@ def cmd_attention(a):
           f"({r['pixels'][0]}x{r['pixels'][1]} px)")
 
 
+def cmd_reconstruct(a):
+    from pretrain.evaluation.reconstruct import draw_reconstructions
+
+    r = draw_reconstructions(a.run_dir, a.out, a.images, a.data, a.n, a.seed)
+    print(f"wrote {r['out']}: original / masked / reconstruction (visible pasted) / raw prediction of {r['images']} "
+          f"image(s), MAE step {r['step']}, mask ratio {r['mask_ratio']}, seed {r['seed']} "
+          f"({r['pixels'][0]}x{r['pixels'][1]} px)")
+
+
 def _generative(path):
     from pretrain.export import load_method
 
@@ -347,6 +356,15 @@ def parser() -> argparse.ArgumentParser:
     at.add_argument("--mean", action="store_true", help="add a column with the mean over heads")
     at.add_argument("--scale", type=int, default=None, help="each cell is image-size x scale px (default: max(1, 128 // image-size))")
     at.set_defaults(fn=cmd_attention)
+
+    rc = sub.add_parser("reconstruct", help="MAE: rows of originals, masked inputs and reconstructions (docs/methods.md)")
+    rc.add_argument("run_dir", help="an MAE run dir (newest checkpoint) or checkpoint")
+    rc.add_argument("--images", nargs="+", default=None, help="image files, one column each")
+    rc.add_argument("--data", default=None, help="or a shard spec: its first --n images")
+    rc.add_argument("--n", type=int, default=8, help="--data: how many images")
+    rc.add_argument("--out", required=True, help="PNG path")
+    rc.add_argument("--seed", type=int, default=0, help="the masks' seed: same seed, same masks")
+    rc.set_defaults(fn=cmd_reconstruct)
     return p
 
 

@@ -69,6 +69,7 @@ OLD = {
     "digits_dino.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
     "digits_ibot.yaml": [_OLD_QUICKSTART] * 2 + [{**_OLD_QUICKSTART, "crop_scale": (0.1, 0.3)}] * 4,
     "digits_moco_v3_vit.yaml": [_OLD_QUICKSTART] * 2,   # MoCo v3 on the DINO digits ViT, the quickstart's crops
+    "digits_mae.yaml": [{**_OLD_QUICKSTART, "jitter_p": 0.0, "blur_p": 0.0}],   # MAE: the quickstart's crop only
     "digits_ijepa.yaml": [{**_OLD_QUICKSTART, "jitter_p": 0.0, "blur_p": 0.0}],   # I-JEPA: the quickstart's crop only
 }
 
@@ -133,6 +134,8 @@ PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": M
          # MAE fine-tuning, facebookresearch/mae util/datasets.py build_transform -> timm create_transform: crop
          # 0.08-1 of the area, aspect 3/4-4/3, flip; colour jitter off (RandAugment on; it and random erasing have no view stage)
          "finetune": [{**NONE, "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip_p": 0.5}]}
+#: MAE (He et al. 2022), facebookresearch/mae main_pretrain.py: RandomResizedCrop(scale 0.2-1, bicubic) + flip only
+PAPER["mae"] = [_spec((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0)]
 #: I-JEPA (Assran et al. 2023), facebookresearch/ijepa configs/in1k_vith14_ep300.yaml: RandomResizedCrop(scale 0.3-1) only
 PAPER["ijepa"] = [_spec((0.3, 1.0), (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0, 0.0, flip_p=0.0)]
 

@@ -81,6 +81,7 @@ def create_backbone(name: str, kwargs: Optional[dict] = None, cifar_stem: bool =
     model.pretrain_spec = {"name": name, "kwargs": kwargs, "cifar_stem": cifar_stem}
     if pretrained_file is not None:
         load_pretrained(model, pretrained_file)
+        model.pretrain_spec["pretrained_file"] = str(pretrained_file)   # methods that initialise it leave it (MAE)
     return model
 
 
