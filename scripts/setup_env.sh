@@ -4,6 +4,16 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ -n "${PRETRAIN_SYSTEM_PYTHON:-}" ]; then
+  # a machine whose python3 already holds the dependencies and may not reach a registry (a lent GPU box): no venv,
+  # no install; `pretrain` and `python` run this checkout with that interpreter
+  mkdir -p /tmp/pretrain-bin
+  printf '#!/bin/sh\nexec python3 -m pretrain.cli "$@"\n' > /tmp/pretrain-bin/pretrain
+  printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/pretrain-bin/python
+  chmod +x /tmp/pretrain-bin/pretrain /tmp/pretrain-bin/python
+  export PATH="/tmp/pretrain-bin:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  return 0
+fi
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
