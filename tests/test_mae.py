@@ -195,9 +195,11 @@ def test_maes_initialisation_and_fixed_tables():
     torch.testing.assert_close(m.decoder_pos_embed[0].double(), ref_sincos(64, h, w), rtol=0, atol=2e-6)
     assert "decoder_pos_embed" not in m.state_dict() and "backbone.pos_embed" in m.state_dict()
 
-    def xavier(weight, fan_in, fan_out):   # uniform in +-sqrt(6 / (fan_in + fan_out)): its max near the bound
+    def xavier(weight, fan_in, fan_out):   # uniform in +-b, b = sqrt(6 / (fan_in + fan_out)): max near b, std b / sqrt(3)
+        # (the std tells it from torch's default kaiming_uniform(a=sqrt(5)) bound 1/sqrt(fan_in): for the patch
+        # projection 0.144 vs xavier's 0.158, whose maxima alone are too close to tell apart)
         bound = math.sqrt(6 / (fan_in + fan_out))
-        return 0.9 * bound < weight.abs().max().item() <= bound
+        return 0.9 * bound < weight.abs().max().item() <= bound and abs(weight.std().item() / (bound / math.sqrt(3)) - 1) < 0.04
     assert xavier(vit.patch_embed.proj.weight, 3 * 4 * 4, 192)               # as a Linear [192, 48], not a conv
     qkv = vit.blocks[0].attn.qkv
     assert xavier(qkv.weight, 192, 576) and torch.equal(qkv.bias, torch.zeros(576))

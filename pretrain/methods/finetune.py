@@ -115,7 +115,8 @@ class Finetune(Method):
 
     def param_groups(self, weight_decay: float, phase: str = "main") -> List[dict]:
         """Method.param_groups' weight-decay split, each part split again by LR factor (`lr_scale`)."""
-        scale = {id(p): self.lr_scales().get(n, 1.0) for n, p in self.named_parameters()}
+        scales = self.lr_scales()
+        scale = {id(p): scales.get(n, 1.0) for n, p in self.named_parameters()}
         out = []
         for group in super().param_groups(weight_decay, phase):
             by_scale: Dict[float, list] = {}
