@@ -1,4 +1,4 @@
-"""`pretrain` command line: shards | train | slurm | export | finetune | eval | sample | attention.
+"""`pretrain` command line: shards | train | slurm | export | finetune | eval | sample | reconstruct | attention.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit code 2.
 """
