@@ -1,6 +1,6 @@
 """I-JEPA (pretrain/methods/ijepa.py, pretrain/data/masking.py MultiBlockMasking): the multi-block masks' bounds,
-disjointness, equal counts and determinism; the loss against a float64 reference built sample by sample; where the
-gradients go; the EMA target; the recipe against facebookresearch/ijepa's config; train, resume and export."""
+disjointness, equal counts, determinism, truncation, relaxation order and context size; the loss, predictions and
+targets against a float64 reference built sample by sample; the predictor's init; where the gradients go; the EMA target; the recipe against facebookresearch/ijepa's config; train, resume and export."""
 from __future__ import annotations
 
 import copy
@@ -110,6 +110,56 @@ def test_digits_grid_blocks_are_small_but_never_empty():
     assert (relaxed.sum(-1) > 0).all()
 
 
+def test_truncation_keeps_the_first_patches_in_row_major_order():
+    """As the official collator (`mask[:min_keep]` of the sorted indices): with contexts of 16 and 10 patches in one
+    batch, both keep 10, the larger one its first 10 in row-major order."""
+    m = MultiBlockMasking(4, num_targets=1, min_keep=0)
+    full, part = np.ones((4, 4), bool), np.zeros((4, 4), bool)
+    part.flat[[1, 3, 4, 6, 8, 9, 11, 12, 14, 15]] = True
+    blocks = iter([full, part])
+    m._context = lambda targets, h, w, g: next(blocks)
+    ctx = _sets(m(2, torch.Generator().manual_seed(0)))[0]                   # [2, 16]
+    assert torch.equal(ctx[0], torch.arange(16) < 10)
+    assert torch.equal(ctx[1], torch.from_numpy(part.reshape(-1)))
+
+
+def test_relaxation_stops_removing_the_last_target_first():
+    """The official loop: when no context block keeps more than min_keep, `masks_P[:-1]` (the last target is no
+    longer removed). 4 x 4 grid, the whole-grid context, target 0 the top two rows, target 1 the bottom-left 2 x 2:
+    removing both leaves 4 <= min_keep 5; dropping the last target leaves the bottom two rows (8 > 5)."""
+    m = MultiBlockMasking(4, num_targets=2, min_keep=5)
+    targets = np.zeros((2, 4, 4), bool)
+    targets[0, :2] = True
+    targets[1, 2:, :2] = True
+    ctx = m._context(targets, 4, 4, torch.Generator().manual_seed(0))
+    want = np.zeros((4, 4), bool)
+    want[2:] = True
+    assert np.array_equal(ctx, want)
+
+
+def test_context_block_has_the_drawn_size():
+    """At 16 x 16 with one image (no truncation): the context is a square block of side block_size(u) for scale
+    0.85-1 (15 or 16) minus the targets, i.e. some such square contains the context and lies within context plus
+    targets; in some draws only a 15 x 15 one does (the context is not always the whole grid), in others 16 x 16."""
+    m = MultiBlockMasking(16)
+    g = torch.Generator().manual_seed(0)
+    whole = []
+    for _ in range(60):
+        sets = _sets(m(1, g))[:, 0].reshape(5, 16, 16).numpy()
+        ctx, cover = sets[0], sets[0] | sets[1:].any(0)
+        fits = []
+        for side in (15, 16):
+            for top in range(17 - side):
+                for left in range(17 - side):
+                    sq = np.zeros((16, 16), bool)
+                    sq[top:top + side, left:left + side] = True
+                    if not (ctx & ~sq).any() and not (sq & ~cover).any():
+                        fits.append(side)
+        assert fits, "the context is no square block minus the targets"
+        whole.append(16 in fits)
+    assert any(whole) and not all(whole)
+
+
 def test_bad_masking_arguments_are_clear():
     with pytest.raises(ValueError, match="target_scale"):
         MultiBlockMasking(14, target_scale=(0.3, 0.2))
@@ -151,10 +201,10 @@ def test_predictor_position_embedding_is_the_official_sincos():
     assert not any(p is m.predictor.pos_embed for p in m.parameters())   # fixed: a buffer, not trained
 
 
-def _reference_loss(m, batch, kind):
+def _reference(m, batch):
     """Float64, sample by sample from timm's pieces and the official sin-cos table: the context encoder on the
     context rows of one image at a time, the target encoder's forward_features, a hand-made layer norm, the
-    predictor's blocks once per (image, target), the loss by its formula."""
+    predictor's blocks once per (image, target) -> {(b, t): (prediction [K_t, D], target [K_t, D])}."""
     r = copy.deepcopy(m).double()
     x = batch["views"][0][0].double()
     masks = batch["masks"]
@@ -162,7 +212,7 @@ def _reference_loss(m, batch, kind):
     pe = torch.from_numpy(_official_sincos(r.predictor.pos_embed.shape[1], 4, 4))
     q = pe.shape[1] // 4
     pe = torch.cat([pe[:, 2 * q:3 * q], pe[:, :q], pe[:, 3 * q:], pe[:, q:2 * q]], 1)
-    terms = []
+    out = {}
     with torch.no_grad():
         h = r.key_backbone.forward_features(x)[:, P:]
         h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
@@ -175,22 +225,51 @@ def _reference_loss(m, batch, kind):
             for t in range(T):
                 tgt = torch.nonzero(~masks[1 + t, b]).flatten().tolist()
                 seq = torch.cat([z, r.predictor.mask_token + pe[tgt]])[None]
-                p = r.predictor.proj(r.predictor.norm(r.predictor.blocks(seq)))[0, len(ctx):]
-                d = p - h[b, tgt]
-                terms.append(d ** 2 if kind == "l2" else torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5))
-    return torch.cat([t.flatten() for t in terms]).mean().item()
+                out[b, t] = r.predictor.proj(r.predictor.norm(r.predictor.blocks(seq)))[0, len(ctx):], h[b, tgt]
+    return out
+
+
+def _reference_loss(pairs, kind):
+    """The loss by its formula over the reference's (prediction, target) pairs: the mean over every element."""
+    d = torch.cat([(p - y).flatten() for p, y in pairs.values()])
+    return (d ** 2 if kind == "l2" else torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5)).mean().item()
 
 
 @pytest.mark.parametrize("kind", ["l2", "smooth_l1"])
-def test_loss_matches_a_float64_reference(kind):
+def test_loss_matches_a_float64_reference(kind, monkeypatch):
+    """The scalar loss, and (the scalar alone barely sees the predictor at init: predictions of rms ~0.1 against
+    layer-normed targets of rms 1) the predictions and targets the loss reads, per image and per target block."""
+    import pretrain.methods.ijepa as ijepa_mod
+
     m = _method(f"method.loss={kind}")
     with torch.no_grad():                       # a target encoder unlike the context encoder, as after training
         for p in m.key_backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = _batch(m, B=3)
+    seen = []
+    loss_fn = ijepa_mod.prediction_loss
+    monkeypatch.setattr(ijepa_mod, "prediction_loss", lambda p, y, k: seen.append((p, y)) or loss_fn(p, y, k))
     loss = m.training_step(batch, m.step_context())["loss"]
-    want = _reference_loss(m, batch, kind)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
+    ref = _reference(m, batch)
+    assert loss.item() == pytest.approx(_reference_loss(ref, kind), rel=1e-5)
+    (pred, target), = seen                                                  # [T, B, K_t, D] each
+    for (b, t), (p, y) in ref.items():
+        torch.testing.assert_close(pred[t, b].detach().double(), p, rtol=1e-5, atol=1e-5, msg=f"pred {b} {t}")
+        torch.testing.assert_close(target[t, b].double(), y, rtol=1e-5, atol=1e-5, msg=f"target {b} {t}")
+
+
+def test_predictor_init_is_the_officials():
+    """The official init_model (which re-initialises after the predictor's own fix_init_weight, so no 1/sqrt(2 l)
+    rescale of attn.proj / mlp.fc2 survives): every Linear trunc-normal std 0.02 with zero bias, LayerNorm (1, 0),
+    the mask token trunc-normal 0.02 (not zero)."""
+    pred = _method("method.pred_embed_dim=96").predictor
+    for name, mod in pred.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert mod.weight.std().item() == pytest.approx(0.02, rel=0.1), name
+            assert (mod.bias == 0).all(), name
+        elif isinstance(mod, torch.nn.LayerNorm):
+            assert (mod.weight == 1).all() and (mod.bias == 0).all(), name
+    assert pred.mask_token.std().item() == pytest.approx(0.02, rel=0.3)
 
 
 def test_gradients_reach_the_context_encoder_and_predictor_only():
