@@ -68,20 +68,26 @@ def memory_mb(device) -> float:
 
 
 @torch.no_grad()
-def knn_monitor(backend, cfg) -> float:
-    """kNN top-1 on data.val with data.train as the memory bank; every rank extracts its share."""
+def _outputs(backend, cfg, fn, splits):
+    """[(outputs [N, D], labels [N])] of fn(eval copy of the method, images) over this rank's share of each
+    (spec, config key) in `splits`. Ranks see different numbers of batches: no collectives inside."""
     rank, world = comm.world_info()
-    model = backend.eval_module()   # ranks see different numbers of batches: no collectives inside
+    model = backend.eval_module()
     was_training = model.training
     model.eval()
-    out = []
-    for spec, key in ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")):
-        loader = eval_loader(spec, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, key,
-                             max_image_pixels=cfg.data.max_image_pixels)
-        out.append(extract_features(lambda x: model.features(x, cfg.eval.which), loader, backend.device,
-                                    cfg.data.mean, cfg.data.std, backend.dtype))
+    out = [extract_features(lambda x: fn(model, x), eval_loader(spec, 256, cfg.data.image_size, 0, rank, world,
+                                                                cfg.eval.max_samples, key,
+                                                                max_image_pixels=cfg.data.max_image_pixels),
+                            backend.device, cfg.data.mean, cfg.data.std, backend.dtype) for spec, key in splits]
     model.train(was_training)
-    if world > 1:   # gather everyone's features on every rank
+    return out
+
+
+def knn_monitor(backend, cfg) -> float:
+    """kNN top-1 on data.val with data.train as the memory bank; every rank extracts its share."""
+    out = _outputs(backend, cfg, lambda m, x: m.features(x, cfg.eval.which),
+                   ((cfg.data.train, "data.train"), (cfg.data.val, "data.val")))
+    if comm.world_info()[1] > 1:   # gather everyone's features on every rank
         parts = comm.all_gather_object(out)
         # a rank with no shard of a split has empty [0, 0] features: leave it out of the concatenation
         out = [tuple(torch.cat([p[i][j] for p in parts if len(p[i][1])]) for j in range(2)) for i in range(2)]
@@ -89,18 +95,10 @@ def knn_monitor(backend, cfg) -> float:
     return knn_accuracy(tf, ty, vf, vy, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
-@torch.no_grad()
 def top1_monitor(backend, cfg) -> dict:
     """{"top1", "val_samples"}: top-1 of the method's classifier (`logits`) on data.val; every rank scores its share."""
-    rank, world = comm.world_info()
-    model = backend.eval_module()   # ranks see different numbers of batches: no collectives inside
-    was_training = model.training
-    model.eval()
-    loader = eval_loader(cfg.data.val, 256, cfg.data.image_size, 0, rank, world, cfg.eval.max_samples, "data.val",
-                         max_image_pixels=cfg.data.max_image_pixels)
-    pred, y = extract_features(lambda x: model.logits(x).argmax(1, keepdim=True), loader, backend.device,
-                               cfg.data.mean, cfg.data.std, backend.dtype)   # [N, 1] class indices, [N] labels
-    model.train(was_training)
+    [(pred, y)] = _outputs(backend, cfg, lambda m, x: m.logits(x).argmax(1, keepdim=True),
+                           [(cfg.data.val, "data.val")])   # [N, 1] class indices, [N] labels
     correct, n, unlabelled = map(sum, zip(*comm.all_gather_object(
         (int((pred.flatten().long() == y).sum()), len(y), int((y < 0).sum())))))
     if unlabelled or not n:
