@@ -14,8 +14,9 @@ float32 whatever the engine's dtype (pretrain/losses/dino.py). Schedules (pretra
 so resume is exact): teacher_temp (0.04 -> 0.07 over 30 epochs), momentum (cosine 0.996 -> 1), the weight
 decay (optim.weight_decay, cosine 0.04 -> 0.4 in the configs), freeze_last_layer (1 in epoch 0: the last
 layer's parameter group has LR 0, `frozen_by`, as DINOv2 does; DINO sets its gradient to None, which
-DeepSpeed's flat buffers cannot express, and zeroing it instead would leave AdamW's step count running, so its
-first updates after the freeze would be ~3x too large). DINO clips each parameter's gradient norm to
+DeepSpeed's flat buffers cannot express; zeroing it instead would feed AdamW zeros, so its moments would decay
+while its step count runs and its first updates after the freeze would be ~3x too large. With LR 0 the moments
+follow the true gradients: docs/methods.md, DINO, says how that differs from DINO's fresh state). DINO clips each parameter's gradient norm to
 `clip_grad` (utils.clip_gradients) in `on_gradients`; train.clip_grad (a global norm) stays 0.
 
 DINOv2-style options: `centering: sinkhorn`, `koleo_weight` (KoLeo on the student's global-crop features,
