@@ -36,7 +36,8 @@ def create_method(cfg, warm_start: bool = True) -> Method:
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     validate(cls, kwargs)   # before anything is built: a bad method.* value fails at once
     backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem,
-                               cfg.model.get("pretrained_file") if warm_start else None)
+                               cfg.model.get("pretrained_file") if warm_start else None,
+                               bool(cfg.model.get("grad_checkpointing", False)))
     if "image_size" in inspect.signature(cls.__init__).parameters:
         kwargs["image_size"] = cfg.data.image_size
     mean_std = getattr(cls, "pixel_mean_std", None)

@@ -42,6 +42,7 @@ from pretrain.data.views import ViewSpec
 from pretrain.methods.dino import no_drop_path
 from pretrain.methods.momentum import MomentumMethod
 from pretrain.methods.registry import METHODS
+from pretrain.models.backbone import run_blocks
 from pretrain.models.vit import gather_tokens, is_vit, keep_indices, patch_grid, vit_tokens
 from pretrain.params import choice, integer, optional, pair
 
@@ -60,6 +61,9 @@ def prediction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2") 
 class Predictor(nn.Module):
     """I-JEPA's narrow predictor: context tokens [B, K_c, D] at positions [B, K_c] and target positions
     [T, B, K_t] of a (h, w) grid -> predictions [T, B, K_t, D]."""
+
+    #: checkpoint the blocks like the backbone's (model.grad_checkpointing; set from the backbone by IJEPA)
+    grad_checkpointing = False
 
     def __init__(self, embed_dim: int, grid, width: int = 384, depth: int = 12, num_heads: int = 12):
         super().__init__()
@@ -85,7 +89,7 @@ class Predictor(nn.Module):
         x = self.embed(context) + self.pos_embed[context_idx]                        # [B, K_c, d]
         queries = self.mask_token + self.pos_embed[target_idx]                      # [T, B, K_t, d]
         x = torch.cat([x.unsqueeze(0).expand(T, -1, -1, -1), queries.to(x.dtype)], 2)   # [T, B, K_c + K_t, d]
-        x = self.norm(self.blocks(x.flatten(0, 1)))[:, -K_t:]                       # [T*B, K_t, d]
+        x = self.norm(run_blocks(self.blocks, x.flatten(0, 1), self.grad_checkpointing))[:, -K_t:]   # [T*B, K_t, d]
         return self.proj(x).view(T, B, K_t, -1)
 
 
@@ -137,6 +141,7 @@ class IJEPA(MomentumMethod):
         self.masking = MultiBlockMasking(grid, num_targets, tuple(target_scale), tuple(target_aspect),
                                          tuple(context_scale), (1.0, 1.0), min_keep)
         self.predictor = Predictor(backbone.embed_dim, grid, pred_embed_dim, pred_depth, heads)
+        self.predictor.grad_checkpointing = getattr(backbone, "grad_checkpointing", False)
         self.loss_kind = loss
         self.init_momentum_encoder(["backbone"])    # key_backbone: the target encoder
         no_drop_path(self.key_backbone)

@@ -32,6 +32,7 @@ from pretrain.data.masking import RandomMasking
 from pretrain.data.views import ViewSpec
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
+from pretrain.models.backbone import run_blocks
 from pretrain.models.vit import is_vit, keep_indices, patch_grid, restore_tokens, vit_tokens
 from pretrain.params import boolean, choice, fraction, integer, positive
 
@@ -186,7 +187,8 @@ class MAE(Method):
         P, N = tokens.shape[1] - keep.shape[1], masks.shape[1]
         patches = restore_tokens(tokens[:, P:], keep, N, self.mask_token)              # [B, N, Dd]
         x = torch.cat([tokens[:, :P], patches + self.decoder_pos_embed.to(patches.dtype)], 1)
-        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x))[:, P:])     # [B, N, p*p*3]
+        x = run_blocks(self.decoder_blocks, x, getattr(self.backbone, "grad_checkpointing", False))
+        return self.decoder_pred(self.decoder_norm(x)[:, P:])                          # [B, N, p*p*3]
 
     def training_step(self, batch, ctx) -> Dict[str, torch.Tensor]:
         images, masks = batch["views"][0][0], batch["masks"][0]                        # [B, 3, H, W], [B, N]

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import timm
+import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def check_input_size(model: nn.Module, size: int, name: str) -> None:
 
 
 def create_backbone(name: str, kwargs: Optional[dict] = None, cifar_stem: bool = False,
-                    pretrained_file: Optional[str] = None) -> nn.Module:
+                    pretrained_file: Optional[str] = None, grad_checkpointing: bool = False) -> nn.Module:
     """Create a timm model without classifier; `model.num_features` is its feature width.
 
     Args:
@@ -61,6 +63,7 @@ def create_backbone(name: str, kwargs: Optional[dict] = None, cifar_stem: bool =
         kwargs: extra timm.create_model arguments, e.g. {"img_size": 32, "patch_size": 4}.
         cifar_stem: for ResNets on small images, a 3x3 stride-1 first conv and no max-pool.
         pretrained_file: a timm-format .safetensors to start from (`load_pretrained`), or None.
+        grad_checkpointing: timm's activation checkpointing (`set_grad_checkpointing`, see `enable_grad_checkpointing`).
     Weights are never downloaded: these machines have no model hub.
     """
     check_model_name(name)
@@ -82,7 +85,59 @@ def create_backbone(name: str, kwargs: Optional[dict] = None, cifar_stem: bool =
     if pretrained_file is not None:
         load_pretrained(model, pretrained_file)
         model.pretrain_spec["pretrained_file"] = str(pretrained_file)   # methods that initialise it leave it (MAE)
+    if grad_checkpointing:
+        enable_grad_checkpointing(model, name)
     return model
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """model.grad_checkpointing=true: timm's `set_grad_checkpointing(True)`, which recomputes each block's
+    (ViT) or stage's (ResNet) activations in the backward instead of keeping them (torch.utils.checkpoint,
+    non-reentrant). Copies of the backbone (EMA teachers, momentum encoders) inherit the flag; they run under
+    no_grad, where nothing is kept anyway. A model whose timm class has no support is a one-line ModelError."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError) as e:
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise ModelError(f"model.grad_checkpointing=true: timm's '{name}' ({type(model).__name__}) does not support "
+                         f"activation checkpointing ({why}); set model.grad_checkpointing=false or pick another model") from None
+    model.register_forward_hook(_keep_bn_stats)
+
+
+def _bn_buffers(model: nn.Module):
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
+def _keep_bn_stats(model: nn.Module, args, out) -> None:
+    """Forward hook of a checkpointed backbone: the backward's recomputation runs the BatchNorms a second time in
+    training mode, which would update their running statistics (and num_batches_tracked) twice per forward. So
+    the statistics after the (last) forward are kept and put back when the backward ends (a callback queued on
+    the autograd engine from the output's gradient hook). Backbones without BatchNorm (ViTs) skip it."""
+    if not (model.training and torch.is_tensor(out) and out.requires_grad):
+        return
+    buffers = _bn_buffers(model)   # found now: sync_bn/fp32 conversions may have replaced the modules
+    if not buffers:
+        return
+    model._bn_kept = [(b, b.detach().clone()) for b in buffers]
+
+    def restore():
+        for b, kept in getattr(model, "_bn_kept", ()):   # the newest forward's (several forwards, one backward)
+            b.copy_(kept)
+
+    def on_grad(g):
+        torch.autograd.Variable._execution_engine.queue_callback(restore)
+        return g
+
+    out.register_hook(on_grad)
+
+
+def run_blocks(blocks: nn.Module, x, checkpoint: bool):
+    """`blocks(x)` for a method's own stack of blocks (MAE's decoder, I-JEPA's predictor), checkpointed block by
+    block like the backbone's when `checkpoint` (the backbone's `grad_checkpointing`) and gradients are on."""
+    if checkpoint and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, x)
+    return blocks(x)
 
 
 def load_pretrained(model: nn.Module, path) -> nn.Module:
