@@ -28,7 +28,10 @@ setup(
         # baseline of scripts/bench.py multicrop (pulls pytorch_lightning; its transforms alone need only
         # `pip install --no-deps lightly lightning-utilities`); not in scripts/setup_env.sh's install
         "lightly": ["lightly>=1.5,<2"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "scikit-learn>=1.2", "accelerate>=1.0", "mpmath>=1.2"],  # accelerate: launcher test; mpmath: float64+ references
+        "wandb": ["wandb>=0.31,<1"],   # log.wandb=true (Weights & Biases next to TensorBoard)
+        # accelerate: launcher test; mpmath: float64+ references; wandb: tests/test_wandb.py (reads runs with `wandb leet inspect --json`, new in 0.31)
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "scikit-learn>=1.2", "accelerate>=1.0", "mpmath>=1.2",
+                 "wandb>=0.31,<1"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )

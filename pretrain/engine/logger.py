@@ -1,9 +1,11 @@
-"""Run logging: a text log (run_dir/log.txt), TensorBoard scalars and a tqdm bar, all on rank 0."""
+"""Run logging: a text log (run_dir/log.txt), TensorBoard and W&B (pretrain/engine/wandb_log.py) scalars and
+images, and a tqdm bar, all on rank 0."""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("pretrain")
 
@@ -26,9 +28,11 @@ def setup_text_log(run_dir: Path, rank: int) -> None:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress, total: int, start: int):
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress, total: int, start: int,
+                 config: Optional[dict] = None):
+        """`config`: the resolved config as a dict; W&B logs when its log.wandb is true (and gets it)."""
         self.is_main = is_main
-        self.tb = self.bar = None
+        self.tb = self.bar = self.wandb = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -36,6 +40,12 @@ class RunLogger:
             # `start`, those logged after that checkpoint (about to be logged again; step `start` stays);
             # on a fresh start (start = 0) in a reused run dir (overwrite=archive|delete), all of them
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)
+        if is_main and config and config["log"]["wandb"]:
+            from pretrain.engine.wandb_log import start_wandb
+
+            self.wandb = start_wandb(run_dir, config, start)
+            w = self.wandb
+            log.info("W&B run %s (%s) in %s%s", w.id, w.settings.mode, w.settings.sync_dir, "" if w.offline else f": {w.url}")
         show = sys.stderr.isatty() if progress == "auto" else bool(progress)
         if is_main and show:
             from tqdm import tqdm
@@ -48,15 +58,21 @@ class RunLogger:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(prefix + k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({prefix + k: v for k, v in values.items()}, step=step)
         text = " ".join(f"{prefix}{k}={v:.4g}" for k, v in values.items())
         if self.bar is not None:
             self.bar.set_postfix_str(text[:120], refresh=False)
         log.info("step %d %s", step, text)
 
     def image(self, step: int, tag: str, grid) -> None:
-        """A uint8 [3, H, W] image (a sample grid) to TensorBoard."""
+        """A uint8 [3, H, W] image (a sample grid) to TensorBoard and W&B."""
         if self.is_main and self.tb is not None:
             self.tb.add_image(tag, grid, step)
+        if self.is_main and self.wandb is not None:
+            from pretrain.engine.wandb_log import image
+
+            self.wandb.log({tag: image(grid)}, step=step)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -65,5 +81,7 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()

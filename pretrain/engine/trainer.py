@@ -28,6 +28,7 @@ from pretrain.engine.backends import create_backend, deepspeed_config
 from pretrain.engine.checkpoint import Checkpointer, claim_run_dir
 from pretrain.engine.faults import Preemption, Watchdog, default_store
 from pretrain.engine.logger import RunLogger, log, setup_text_log
+from pretrain.engine.wandb_log import check_wandb
 from pretrain.schedules import Schedule, scaled_lr
 from pretrain.evaluation import extract_features, knn_accuracy
 from pretrain.methods import create_method
@@ -157,6 +158,7 @@ def train(cfg, data: Optional[Iterator[dict]] = None) -> dict:
     run_dir = Path(cfg.run_dir)
     setup_text_log(run_dir, env.rank)
     p = plan(cfg, env.world_size)
+    check_wandb(cfg.log)   # every rank, before the run dir is touched
     resume_from = claim_run_dir(run_dir, cfg.resume, cfg.overwrite)   # refused or cleared before anything is built
     acc = cfg.train.grad_accum
 
@@ -199,8 +201,8 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
     if data is None:
         loader = build_train_loader(cfg, method, p["local_batch"], p["steps_per_epoch"] * acc, env.rank, device)
         data = loader.batches(start * acc, data_state)
-    logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start)
     config_dict = to_dict(cfg)
+    logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start, config_dict)
 
     monitor, monitor_epochs = monitor_for(cfg, method), cfg.eval.every_epochs * p["steps_per_epoch"]
     losses_sum, n_logged, wait, t_last, metrics = None, 0, 0.0, time.perf_counter(), {}
