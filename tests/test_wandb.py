@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import cli, tb_scalars, train_overrides
+from helpers import SMALL_VIT, cli, tb_scalars, train_overrides
 from pretrain.config import ConfigError, load_config, to_dict
 from pretrain.engine.wandb_log import ID_FILE, check_wandb, resolve_mode
 
@@ -31,6 +31,12 @@ def history(recs: list) -> dict:
     """step -> the logged values of that step (wandb's internal _runtime/_step/_timestamp left out)."""
     return {r["history"]["step"]["num"]: {k: v for k, v in r["history"]["item"].items() if not k.startswith("_")}
             for r in recs if r["type"] == "history"}
+
+
+def png(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def offline_runs(run_dir: Path) -> list:
@@ -124,14 +130,32 @@ def test_logger_images_config_and_fresh_start_id(tmp_path, monkeypatch):
     assert torch.equal(torch.from_numpy(np.array(Image.open(png).convert("RGB"))).permute(2, 0, 1), grid)
 
 
+def test_attention_maps_need_a_vit(tmp_path, digits_shards):
+    """log.attention_every_steps with a ResNet: the one-line error of `pretrain attention`, before step 1."""
+    import logging
+
+    from pretrain.engine.trainer import train
+
+    cfg = load_config(None, train_overrides(digits_shards, tmp_path / "run", log__attention_every_steps=1,
+                                            log__tensorboard="false"))
+    try:
+        with pytest.raises(ValueError, match=r"resnet10t is not a timm ViT.*model.name=vit_\*"):
+            train(cfg)
+    finally:
+        for h in logging.getLogger("pretrain").handlers:
+            h.close()
+    assert "step 1 train/loss" not in (tmp_path / "run" / "log.txt").read_text()
+
+
 @pytest.mark.slow
 def test_train_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, digits_shards, experiment):
-    """A real `pretrain train` with log.wandb=true (mode auto, no key, no network -> offline): W&B holds the
-    same scalars as TensorBoard at the same steps, and the resolved config. A second `pretrain train` on the
-    run dir (resume=auto from step 4) logs to the same run id, steps 5..6 only."""
+    """A real `pretrain train` (a small ViT) with log.wandb=true (mode auto, no key, no network -> offline):
+    W&B holds the same scalars as TensorBoard at the same steps, the resolved config, and the attention maps of
+    log.attention_every_steps as images. A second `pretrain train` on the run dir (resume=auto from step 4)
+    logs to the same run id, steps 5..6 only."""
     run_dir = tmp_path / "run"
-    ov = dict(log__wandb="true", checkpoint__every_steps=2, train__max_steps=4)
-    p = cli("train", experiment, *train_overrides(digits_shards, run_dir, **ov), check=True, **OFFLINE_ENV)
+    ov = dict(log__wandb="true", checkpoint__every_steps=2, train__max_steps=4, log__attention_every_steps=2)
+    p = cli("train", experiment, *train_overrides(digits_shards, run_dir, **ov), *SMALL_VIT, check=True, **OFFLINE_ENV)
     assert "wandb" not in p.stdout and "wandb:" not in p.stderr, p.stderr[-2000:]   # quiet: our log lines only
     run_id = (run_dir / ID_FILE).read_text().strip()
     (first,) = offline_runs(run_dir)
@@ -150,9 +174,13 @@ def test_train_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, digits_s
         for step, v in tb.items():    # TensorBoard stores float32
             assert rows[step][tag] == pytest.approx(v, rel=1e-6), (tag, step)
     assert len({rows[s]["train/loss"] for s in rows}) == 4    # real, changing values
+    for step in (2, 4):   # the attention grid: the PNG under run_dir/attention/, pixel for pixel
+        assert rows[step]["attention._type"] == "image-file" and "attention._type" not in rows[step - 1]
+        logged = first.parent / "files" / rows[step]["attention.path"]
+        assert np.array_equal(png(logged), png(run_dir / "attention" / f"step_{step:08d}.png"))
 
     ov.update(train__max_steps=6)
-    cli("train", experiment, *train_overrides(digits_shards, run_dir, **ov), check=True, **OFFLINE_ENV)
+    cli("train", experiment, *train_overrides(digits_shards, run_dir, **ov), *SMALL_VIT, check=True, **OFFLINE_ENV)
     assert (run_dir / ID_FILE).read_text().strip() == run_id
     first_again, second = offline_runs(run_dir)
     assert first_again == first and second.name == f"run-{run_id}.wandb"
@@ -161,6 +189,7 @@ def test_train_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, digits_s
     assert run2["run_id"] == run_id and run2.get("resume")
     rows2 = history(recs2)
     assert sorted(rows2) == [5, 6]                 # continues after the checkpoint's step, never below it
+    assert rows2[6]["attention._type"] == "image-file"
     tb = tb_scalars(run_dir)
     assert sorted(tb) == list(range(1, 7))
     for step in rows2:

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 log = logging.getLogger("pretrain")
 
 
@@ -25,6 +27,28 @@ def setup_text_log(run_dir: Path, rank: int) -> None:
         fh = logging.FileHandler(run_dir / "log.txt")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+@torch.no_grad()
+def attention_image(method, cfg, logger, run_dir: Path, step: int) -> None:
+    """ViT backbones (log.attention_every_steps): the last-layer CLS attention per head of the first
+    log.attention_n images of data.val (else data.train), drawn as `pretrain attention` draws it
+    (pretrain/evaluation/attention.py), to TensorBoard, W&B and run_dir/attention/step_N.png. Rank 0 only;
+    `method` is the eval copy (backend.eval_module(), which every rank builds)."""
+    from pretrain.data import eval_loader
+    from pretrain.evaluation.attention import attention_grid
+    from pretrain.evaluation.generative import save_grid, to_signed
+
+    spec, key = (cfg.data.val, "data.val") if cfg.data.val else (cfg.data.train, "data.train")
+    n, size = cfg.log.attention_n, method.backbone_input_size(cfg.data.image_size)
+    images = torch.cat([b["image"] for b in eval_loader(spec, n, size, key=key, max_samples=n,
+                                                        max_image_pixels=cfg.data.max_image_pixels)])[:n]
+    vit = method.export_backbone(cfg.eval.which)
+    was_training = vit.training
+    cells, cols = attention_grid(vit, images, list(cfg.data.mean), list(cfg.data.std))   # sets vit.eval()
+    vit.train(was_training)
+    grid = save_grid(to_signed(cells.flatten(0, 1)), run_dir / "attention" / f"step_{step:08d}.png", nrow=cols)
+    logger.image(step, "attention", grid)
 
 
 class RunLogger:

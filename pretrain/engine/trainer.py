@@ -27,7 +27,7 @@ from pretrain.data import DataError, build_train_loader, count_samples, eval_loa
 from pretrain.engine.backends import create_backend, deepspeed_config
 from pretrain.engine.checkpoint import Checkpointer, claim_run_dir
 from pretrain.engine.faults import Preemption, Watchdog, default_store
-from pretrain.engine.logger import RunLogger, log, setup_text_log
+from pretrain.engine.logger import RunLogger, attention_image, log, setup_text_log
 from pretrain.engine.wandb_log import check_wandb
 from pretrain.schedules import Schedule, scaled_lr
 from pretrain.evaluation import extract_features, knn_accuracy
@@ -205,6 +205,10 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
     logger = RunLogger(run_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress, p["total"], start, config_dict)
 
     monitor, monitor_epochs = monitor_for(cfg, method), cfg.eval.every_epochs * p["steps_per_epoch"]
+    if cfg.log.attention_every_steps:     # a backbone without CLS attention: a one-line error before step 1
+        from pretrain.evaluation.attention import vit_attention
+
+        vit_attention(method.export_backbone(cfg.eval.which))
     losses_sum, n_logged, wait, t_last, metrics = None, 0, 0.0, time.perf_counter(), {}
     multi = len(method.phases) > 1
     for step in range(start, p["total"]):
@@ -264,6 +268,12 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
                 done % cfg.log.sample_every_steps == 0 or done == p["total"]):
             watch.mark(step, "eval")
             sample_grid(backend, cfg, logger, run_dir, done, env.is_main)
+            t_last = time.perf_counter()
+        if cfg.log.attention_every_steps and (done % cfg.log.attention_every_steps == 0 or done == p["total"]):
+            watch.mark(step, "eval")
+            eval_copy = backend.eval_module()    # every rank: a collective under ZeRO-3
+            if env.is_main:
+                attention_image(eval_copy, cfg, logger, run_dir, done)
             t_last = time.perf_counter()
         if monitor and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]
                         or (monitor_epochs and done % monitor_epochs == 0)):

@@ -129,7 +129,8 @@ def attention_grid(vit: torch.nn.Module, images: torch.Tensor, mean, std, mean_c
     S = images.shape[-1]
     cell = S * (scale or max(1, 128 // S))
     vit.eval()
-    attn = last_cls_attention(vit, normalize(images, mean, std))             # [N, h, gh, gw]
+    param = next(vit.parameters())                                           # the ViT's device and dtype
+    attn = last_cls_attention(vit, normalize(images, mean, std).to(param)).float().cpu()   # [N, h, gh, gw]
     if mean_column:
         attn = torch.cat([attn, attn.mean(1, keepdim=True)], 1)
     shown = F.interpolate(images.float(), size=(cell, cell), mode="nearest").round().to(torch.uint8)
