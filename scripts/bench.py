@@ -2,6 +2,8 @@
 """Side-by-side benchmarks: each prints ratios measured in one run, A and B interleaved, medians.
 
     python scripts/bench.py data   [--quick]   # our shard loader vs torchvision ImageFolder + PIL SimCLR transform
+    python scripts/bench.py data-paths [--quick] [--device cpu|cuda]
+                                               # JPEG decode + augmentation in the workers vs on the device
     python scripts/bench.py multicrop [--quick] [--baseline lightly|none]
                                                # multi-crop 2x224 + 6x96: ours vs our two-view 224 vs lightly
     python scripts/bench.py engine [--quick] [--method simclr|moco_v2]
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import sys
@@ -279,6 +282,71 @@ def bench_data(a) -> int:
         (o0, b0, r0, lo0, hi0), (o1, b1, r1, lo1, hi1) = cols
         print(f"{src:>5} {out:>4} {batch:>5} | {o0:10.1f} {b0:8.1f} {r0:5.2f}x [{lo0:4.2f}-{hi0:4.2f}] | "
               f"{o1:14.1f} {b1:12.1f} {r1:5.2f}x [{lo1:4.2f}-{hi1:4.2f}]")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# data-paths: where JPEGs are decoded and augmented (data.decode_on / data.augment_on)
+DATA_PATHS = {   # name -> config overrides
+    "worker": ["data.decode_on=worker", "data.augment_on=worker"],          # everything in the loader workers
+    "worker_decode": ["data.decode_on=worker", "data.augment_on=device"],   # decode + crop in workers, photometric on device
+    "device": ["data.decode_on=device", "data.augment_on=device"],          # JPEG bytes to the device: decode, roi_align, photometric
+}
+
+
+def run_path(shards: Path, path: str, device: str, out: int, batch: int, workers: int, n_warm: int, n_timed: int,
+             seed: int) -> float:
+    """Source images/s of one data path (DATA_PATHS) delivering MoCo v2's two views on `device`, steady state."""
+    from pretrain.config import load_config
+    from pretrain.data import build_train_loader
+    from pretrain.methods import METHODS
+
+    cfg = load_config(None, [f"data.train={shards}", f"data.image_size={out}", f"data.num_workers={workers}",
+                             f"seed={seed}", *DATA_PATHS[path]])
+    it = build_train_loader(cfg, METHODS.get("moco_v2"), batch, n_warm + n_timed, 0, device).batches(0)
+
+    def check(b):   # the views are ready (a CUDA sync), float, on the device
+        assert tuple(b["views"][0].shape) == (2, batch, 3, out, out) and b["views"][0].dtype == torch.float32
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    dt, _ = time_batches(it, n_warm, n_timed, check)
+    it.close()
+    return rate(n_timed * batch, dt)
+
+
+def bench_data_paths(device: str = "cpu", image: int = 256, out: int = 128, batch: int = 64, images: int = 1000,
+                     workers: int = 2, warmup: int = 2, batches: int = 8, reps: int = 3, work_dir=None) -> dict:
+    """Images/s of each data path (DATA_PATHS: worker, worker_decode, device) on `device`, side by side in one
+    run (paths interleaved per rep, medians), over `images` JPEGs of image x image px cut from real photos,
+    two 'out' px views each. Returns {"img_s": {path: median}, "reps": {path: [...]}, "device_vs_worker":
+    median per-rep ratio, "settings": {...}}. scripts/gpu_check.py calls this on a GPU."""
+    if work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as d:
+            return bench_data_paths(device, image, out, batch, images, workers, warmup, batches, reps, d)
+    root = Path(work_dir) / f"img{image}_n{images}"
+    desc = make_images(root, images, image)
+    per = {p: [] for p in DATA_PATHS}
+    for r in range(reps):
+        for p in DATA_PATHS:
+            per[p].append(run_path(root / "shards" / "train", p, device, out, batch, workers, warmup, batches, r))
+            log(f"  rep {r}: {p:14s} {per[p][-1]:8.1f} img/s  (load {load()})")
+    return {"img_s": {p: med(v) for p, v in per.items()}, "reps": per,
+            "device_vs_worker": med([d / w for d, w in zip(per["device"], per["worker"])]),
+            "settings": {"device": str(device), "images": desc, "out": out, "batch": batch, "workers": workers,
+                         "warmup": warmup, "batches": batches, "reps": reps, "torch": torch.__version__}}
+
+
+def bench_paths(a) -> int:
+    res = bench_data_paths(a.device, a.image, a.out, a.batch, a.images, a.workers, a.warmup, a.batches, a.reps,
+                           a.work_dir)
+    st = res["settings"]
+    print(f"\nData paths on {st['device']}: {st['images']}, two {st['out']} px views, batch {st['batch']}, "
+          f"{st['workers']} workers, {st['reps']} interleaved reps, medians ({os.cpu_count()} CPUs, load {load()})")
+    for p, v in res["img_s"].items():
+        print(f"  {p:14s} {v:8.1f} img/s   ({' / '.join(DATA_PATHS[p])})")
+    print(f"  ratio device / worker: {res['device_vs_worker']:.2f}x")
+    print(json.dumps(res))
     return 0
 
 
@@ -560,6 +628,16 @@ def main(argv=None) -> int:
     e.add_argument("--channels-last", action="store_true",
                    help="the engine side with train.channels_last=true (the bare loop stays NCHW): the ratio "
                         "is then NHWC / NCHW plus the engine's overhead")
+    q = sub.add_parser("data-paths", help="images/s: JPEG decode + augmentation in workers vs on the device")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.add_argument("--image", type=int, default=256, help="source JPEG side")
+    q.add_argument("--out", type=int, default=128, help="view side")
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--images", type=int, default=1000)
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--warmup", type=int, default=2, help="untimed batches per run")
+    q.add_argument("--batches", type=int, default=8, help="timed batches per run (a multiple of --workers)")
+    q.add_argument("--reps", type=int, default=3)
     m = sub.add_parser("multicrop", help="multi-crop 2x224 + 6x96 vs two-view 224 (ours) vs lightly's SwaVTransform")
     m.add_argument("--baseline", choices=["lightly", "none"], default="lightly",
                    help="none: ours only (multi-crop and two-view), no lightly needed")
@@ -572,7 +650,7 @@ def main(argv=None) -> int:
     m.add_argument("--warmup", type=int, default=2, help="untimed batches per run (worker start-up)")
     m.add_argument("--batches", type=int, default=8, help="timed batches per run (a multiple of --workers)")
     m.add_argument("--reps", type=int, default=5)
-    for s in (d, e, m):
+    for s in (d, e, m, q):
         s.add_argument("--quick", action="store_true", help="a fast smoke run (small and noisy)")
         s.add_argument("--work-dir", help="where to write images and runs, kept (default: a temporary dir, removed)")
     a = p.parse_args(argv)
@@ -582,7 +660,9 @@ def main(argv=None) -> int:
         a.batch, a.warmup, a.steps, a.reps = 16, 2, 3, 1
     if a.quick and a.cmd == "multicrop":
         a.image, a.global_size, a.local_size, a.batch, a.images, a.warmup, a.batches, a.reps = 64, 32, 16, 16, 200, 2, 2, 1
-    run = {"data": bench_data, "engine": bench_engine, "multicrop": bench_multicrop}[a.cmd]
+    if a.quick and a.cmd == "data-paths":
+        a.image, a.out, a.batch, a.images, a.warmup, a.batches, a.reps = 64, 32, 16, 200, 2, 2, 1
+    run = {"data": bench_data, "engine": bench_engine, "multicrop": bench_multicrop, "data-paths": bench_paths}[a.cmd]
     if a.work_dir:
         return run(a)
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as d:

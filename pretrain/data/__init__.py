@@ -21,9 +21,19 @@ def build_train_loader(cfg, method, local_batch: int, batches_per_epoch: int, ra
     if where not in ("auto", "worker", "device"):
         raise DataError(f"data.augment_on must be auto, worker or device, got {where!r}")
     in_worker = where == "worker" or (where == "auto" and torch.device(device).type != "cuda")
+    decode_on = cfg.data.get("decode_on", "worker")
+    if decode_on not in ("auto", "worker", "device"):
+        raise DataError(f"data.decode_on must be auto, worker or device, got {decode_on!r}")
+    if decode_on == "device" and where == "auto":
+        in_worker = False   # decoding on the device puts both augmentation stages there
+    on_device = decode_on == "device" or (decode_on == "auto" and torch.device(device).type == "cuda" and not in_worker)
+    if rank == 0:
+        logging.getLogger("pretrain.data").info(
+            "JPEG decoding and crops: %s; photometric stage: %s", "device" if on_device else "loader workers",
+            "loader workers" if in_worker else "device")
     ds = ResampledBatches(sources, local_batch, batches_per_epoch, aug, len(aug), in_worker, cfg.seed, rank,
                           cfg.data.shuffle_buffer, check_max_image_pixels(cfg.data.max_image_pixels),
-                          getattr(method, "masking", None))
+                          getattr(method, "masking", None), decode_on_device=on_device)
     return TrainLoader(ds, cfg.data.num_workers, torch.device(device))
 
 

@@ -103,13 +103,17 @@ class SimCLRAugment:
                 tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
     # ---- stage 1: per image, uint8 -------------------------------------------------------------
+    def geometric_params(self, h: int, w: int, g: torch.Generator):
+        """The draws of `geometric` for an h x w image: ((top, left, height, width), flip). The device path
+        (pretrain/data/device.py) crops with these, so it draws what the worker path draws."""
+        box = crop_params(h, w, self.crop_scale, self.crop_ratio, g)
+        return box, float(torch.rand(1, generator=g)) < self.flip_p
+
     def geometric(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """[3, h, w] uint8 -> [3, S, S] uint8 random resized crop, maybe flipped."""
-        top, left, ch, cw = crop_params(img.shape[-2], img.shape[-1], self.crop_scale, self.crop_ratio, g)
+        (top, left, ch, cw), flip = self.geometric_params(img.shape[-2], img.shape[-1], g)
         out = TF.resized_crop(img, top, left, ch, cw, [self.size, self.size], antialias=True)
-        if float(torch.rand(1, generator=g)) < self.flip_p:
-            out = out.flip(-1)
-        return out
+        return out.flip(-1) if flip else out
 
     # ---- stage 2: per batch, float ---------------------------------------------------------------
     #: on CPU the batch goes through stage 2 in chunks of about this many bytes (float32), so that

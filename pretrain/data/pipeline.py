@@ -19,7 +19,8 @@ decoded: decompression bombs), are skipped, counted and logged. A shard that yie
 (not a tar, missing, empty) is reported once per rank with its path, counted once, and not drawn
 again by that worker in that epoch; a source whose every shard is so is a DataError.
 
-Only image/cls/json members are read and decoded; nothing in a shard is ever unpickled.
+Only image/cls/json members are read and decoded; nothing in a shard is ever unpickled. Where JPEGs are
+decoded and cropped (workers, or the device: data.decode_on) is in pretrain/data/device.py and docs/data.md.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset import tariterators
 
+from pretrain.data.device import device_views, looks_like_jpeg, pack
 from pretrain.data.views import MultiViewAugment
 
 log = logging.getLogger("pretrain.data")
@@ -181,9 +183,9 @@ def read_samples(urls: Iterator[str], handler: SkipCounter, on_unreadable=None) 
     return tariterators.group_by_keys(files, handler=handler)
 
 
-def decode(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Raw sample -> (uint8 image [3, H, W], int label or -1). Raises on anything unreadable, and on
-    an image of more than `max_pixels` pixels (its size is read from the header; it is not decoded)."""
+def read_header(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Raw sample -> (image key, (h, w), PIL mode, PIL format), from the image header only. Raises when
+    there is no image, the header is unreadable, or the image has more than `max_pixels` pixels."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
@@ -191,16 +193,32 @@ def decode(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(sample[key])) as im:    # PNG/JPEG/WebP: reads the header only
-                w, h = im.size
+                (w, h), mode, fmt = im.size, im.mode, im.format
             what, pixels = f"a {w}x{h} image", w * h
         except Image.DecompressionBombError:                    # PIL's ceiling, which caps max_pixels
             what, pixels = f"an image of over {HEADER_PIXEL_LIMIT} pixels", HEADER_PIXEL_LIMIT + 1
     if pixels > max_pixels:
         raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {what} is over "
                         f"data.max_image_pixels={max_pixels} (a decompression bomb?)")
-    img = decode_image(torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return key, (h, w), mode, fmt
+
+
+def decode(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Raw sample -> (uint8 image [3, H, W], int label or -1). Raises on anything unreadable, and on
+    an image of more than `max_pixels` pixels (its size is read from the header; it is not decoded)."""
+    return decode_or_keep(sample, max_pixels, keep_jpeg=False)[::2]
+
+
+def decode_or_keep(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS, keep_jpeg: bool = True):
+    """Raw sample -> (image, (h, w), label): with `keep_jpeg`, a whole-looking RGB or grey JPEG stays encoded,
+    as 1-d uint8 bytes for the device to decode (data.decode_on=device; device.looks_like_jpeg); any other
+    image is decoded to uint8 [3, h, w]. Raises as `decode` does."""
+    key, size, mode, fmt = read_header(sample, max_pixels)
     label = int(sample["cls"]) if "cls" in sample else -1
-    return img, label
+    data = torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8)
+    if keep_jpeg and looks_like_jpeg(sample[key], mode, fmt):
+        return data, size, label
+    return decode_image(data, mode=ImageReadMode.RGB), size, label
 
 
 def _seed(*parts) -> int:
@@ -232,12 +250,20 @@ class ResampledBatches(IterableDataset):
     "label": [B], "seed": int, "masks": [M, B, N] bool (only with `masking`: the method's masks, drawn after the views),
     "epoch": int, "index": int, "consumed": int (samples of the worker's stream read so far),
     "skipped": int, "unreadable": [[url, reason], ...] (shards this worker found unreadable since its last batch)}.
+    With `decode_on_device` (data.decode_on=device) a batch carries, instead of "views", the JPEG bytes and the
+    drawn crop boxes and flips ("encoded", "rows", "sizes", "boxes", "flips"; pretrain/data/device.py), which
+    TrainLoader turns into the same views on its device.
     """
 
     def __init__(self, sources: List[Source], batch_size: int, batches_per_epoch: int, augment, num_views: int,
                  photometric_in_worker: bool, seed: int, rank: int, shuffle_buffer: int = 1000,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, masking=None):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, masking=None, decode_on_device: bool = False):
         self.sources, self.batch_size, self.batches_per_epoch = sources, batch_size, batches_per_epoch
+        # data.decode_on=device: ship JPEG bytes and crop boxes, not crops (pretrain/data/device.py)
+        self.decode_on_device = decode_on_device
+        if decode_on_device and photometric_in_worker:
+            raise DataError("data.decode_on=device decodes and crops on the device, so the photometric stage runs "
+                            "there too: set data.augment_on=device (or auto), or data.decode_on=worker")
         self.masking = masking   # Method.masking: (batch_size, generator) -> masks, from the batch's generator
         # one augmenter per view (views.MultiViewAugment), or one for all `num_views` views
         self.augment = augment if isinstance(augment, MultiViewAugment) else MultiViewAugment([augment] * num_views)
@@ -287,26 +313,47 @@ class ResampledBatches(IterableDataset):
         for b in range(first, self.batches_per_epoch, W):
             bseed = _seed(self.seed, self.epoch, self.rank, b, 1)
             g = torch.Generator().manual_seed(bseed)
-            views, labels = [[] for _ in range(self.num_views)], []
+            views, labels, items = [[] for _ in range(self.num_views)], [], []
             while len(labels) < self.batch_size:
                 sample = next(stream)
                 pos += 1
                 try:
-                    img, label = decode(sample, self.max_image_pixels)
+                    if self.decode_on_device:   # JPEG bytes (else decoded pixels), with their header's size
+                        img, size, label = decode_or_keep(sample, self.max_image_pixels)
+                    else:
+                        img, label = decode(sample, self.max_image_pixels)
                 except Exception as e:  # corrupt image bytes, bad label, a decompression bomb...
                     counter(e)
                     continue
                 counter.streak = 0
-                for v, crop in zip(views, self.augment.geometric(img, g)):   # view v: augmenter v
-                    v.append(crop)
+                if self.decode_on_device:   # the worker path's draws, in its order; the device crops
+                    items.append((img, size))
+                    for v, params in zip(views, self.augment.geometric_params(*size, g)):
+                        v.append(params)
+                else:
+                    for v, crop in zip(views, self.augment.geometric(img, g)):   # view v: augmenter v
+                        v.append(crop)
                 labels.append(label)
-            x = self.augment.stack(views)                                  # per size: [V_g, B, 3, S_g, S_g] uint8
+            if self.decode_on_device:
+                x = self._device_inputs(items, views)
+            else:
+                x = {"views": self.augment.stack(views)}                   # per size: [V_g, B, 3, S_g, S_g] uint8
             masks = {"masks": self.masking(len(labels), g)} if self.masking is not None else {}
             if self.photometric_in_worker:
-                x = self.augment.photometric(x, g)
-            yield {"views": x, "label": torch.tensor(labels), "seed": bseed, "epoch": self.epoch, "index": b,
+                x["views"] = self.augment.photometric(x["views"], g)
+            yield {**x, "label": torch.tensor(labels), "seed": bseed, "epoch": self.epoch, "index": b,
                    "consumed": pos, "skipped": counter.count - reported, "unreadable": unreadable[sent:], **masks}
             reported, sent = counter.count, len(unreadable)
+
+    @staticmethod
+    def _device_inputs(items, params) -> dict:
+        """What the device needs to make a batch's views (device.device_views): the images packed in one
+        buffer ("encoded" uint8, "rows" [B, 4]), header sizes [B, 2], crop boxes [V, B, 4] (top, left,
+        height, width) and flips [V, B]."""
+        flat, rows = pack([img for img, _ in items])
+        return {"encoded": flat, "rows": rows, "sizes": torch.tensor([size for _, size in items]).view(-1, 2),
+                "boxes": torch.tensor([[box for box, _ in v] for v in params], dtype=torch.int64),
+                "flips": torch.tensor([[flip for _, flip in v] for v in params], dtype=torch.bool)}
 
 
 class TrainLoader:
@@ -370,7 +417,12 @@ class TrainLoader:
                                 prefetch_factor=4 if self.num_workers else None)
             for batch in loader:
                 self._account(batch, epoch * n)
-                views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
+                if "encoded" in batch:   # data.decode_on=device: decode and crop here
+                    views = self._device_views(batch)
+                    if views is None:
+                        continue
+                else:
+                    views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
                 if not ds.photometric_in_worker:   # on the device, from the batch seed: its own (deterministic) draws
                     g = torch.Generator(self.device).manual_seed(batch["seed"])
                     views = ds.augment.photometric(views, g)
@@ -381,6 +433,22 @@ class TrainLoader:
                 yield batch
             epoch, ds.start, ds.consumed = epoch + 1, 0, None
             self._consumed = [0] * self.workers
+
+    def _device_views(self, batch: dict):
+        """data.decode_on=device: the batch's uint8 view groups made on the device (device.device_views).
+        A sample no decoder reads is dropped from the batch (labels, masks) and counted as skipped; None
+        when none is left."""
+        views, keep, errors = device_views(batch, self.dataset.augment, self.device)
+        for e in errors:
+            self.skipped += 1
+            if self.skipped <= 10 or self.skipped % 1000 == 0:
+                log.warning("skipping unreadable data (%d so far): %s; batch %d is one sample smaller",
+                            self.skipped, e, batch["index"])
+        if keep is not None:
+            batch["label"] = batch["label"][keep]
+            if "masks" in batch:
+                batch["masks"] = batch["masks"][:, keep]
+        return views
 
     def _account(self, batch: dict, epoch_start: int) -> None:
         """Take a batch's bookkeeping out of it: stream position, skip counts, unreadable shards."""

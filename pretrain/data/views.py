@@ -179,6 +179,10 @@ class MultiViewAugment:
         """[3, h, w] uint8 -> one [3, S_v, S_v] uint8 crop per view, in view order."""
         return [a.geometric(img, g) for a in self.augs]
 
+    def geometric_params(self, h: int, w: int, g: torch.Generator) -> list:
+        """What `geometric` draws for an h x w image, without cropping: per view ((top, left, height, width), flip)."""
+        return [a.geometric_params(h, w, g) for a in self.augs]
+
     def stack(self, crops: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         """Per view, its B crops -> per group, [V_g, B, 3, S_g, S_g] uint8."""
         return [torch.stack([c for v in idx for c in crops[v]]).unflatten(0, (len(idx), -1)) for idx in self.groups]
