@@ -9,57 +9,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretrain.config import from_dict
-from pretrain.engine.checkpoint import CheckpointError, find_checkpoint
+from pretrain.engine.checkpoint import CheckpointError, find_checkpoint, step_of
 from pretrain.utils import atomic_path, atomic_write_text
 
 
 def load_checkpoint_weights(path) -> Tuple[dict, dict, int]:
-    """(method state_dict in fp32, config dict, step) from a run dir or checkpoint, either backend.
+    """(method state_dict in fp32, config dict, step) from a run dir or checkpoint of any backend, which
+    consolidates its own format (DeepSpeed: zero_to_fp32; FSDP2: the model's shards of its DCP checkpoint)."""
+    from pretrain.engine.backends import checkpoint_writer
 
-    DeepSpeed checkpoints (ZeRO 1/2/3 included) are consolidated with DeepSpeed's zero_to_fp32.
-    """
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {path}; train first, or pass a run dir that has checkpoints/step_*")
-    step = int(ckpt.name.split("_")[1].split(".")[0])
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        return state["model"], state["config"], step
-    config = json.loads((ckpt / "pretrain_config.json").read_text())
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    phases = [d for d in sorted(ckpt.iterdir()) if d.is_dir() and not d.name.startswith("global_step")]
-    if phases:   # one DeepSpeed engine per optimizer phase (a GAN): stitch the method's state together
-        return _multi_engine_weights(ckpt, phases, config), config, step
-
-    try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    except (ValueError, FileNotFoundError):  # ZeRO stage 0: weights sit in the model-states file
-        sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, config, step
-
-
-def _multi_engine_weights(ckpt: Path, phase_dirs, config: dict) -> dict:
-    """Each engine saved its own module (keys relative to it); map them back to the method's keys by
-    building the method and matching tensors, then add what no engine owned (saved as client state)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pretrain.methods import create_method
-
-    method = create_method(from_dict(config), warm_start=False)
-    full = {id(v): k for k, v in method.state_dict(keep_vars=True).items()}
-    sd = {}
-    for d in phase_dirs:
-        own = method.phase_module(d.name).state_dict(keep_vars=True)
-        part = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=d.name)
-        for k, v in part.items():
-            sd[full[id(own[k])]] = v
-        # buffers (BN statistics) are not in the fp32 partitions: take them from the module states file
-        states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        for k, v in states["module"].items():
-            sd.setdefault(full[id(own[k])], v)
-        sd.update(states.get("unmanaged", {}))
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd, config = checkpoint_writer(ckpt).consolidate(ckpt)
+    return sd, config, step_of(ckpt)
 
 
 def load_method(path):

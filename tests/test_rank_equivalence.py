@@ -1,6 +1,6 @@
 """The cross-rank proof for every method that claims it (`Method.cross_rank_exact`): W=2 ranks at local
 batch B give the loss and every parameter gradient of one process at batch 2B on the same samples, under
-DDP and under DeepSpeed ZeRO-2, with each method's own digits config (heads, BN, hyper-parameters).
+DDP, under DeepSpeed ZeRO-2 and under FSDP2, with each method's own digits config (heads, BN, hyper-parameters).
 
 This is where distributed bugs of these methods show: BN statistics per rank instead of global, a mean of
 per-rank cross-correlation matrices instead of their sum, variance/covariance over local embeddings,
@@ -44,7 +44,7 @@ def test_every_embedding_method_claims_cross_rank_exactness():
     assert all(config_path(n).exists() for n in EXACT)
 
 
-@pytest.fixture(scope="module", params=["ddp", "zero2"])
+@pytest.fixture(scope="module", params=["ddp", "zero2", "fsdp"])
 def ranks(request, tmp_path_factory):
     """One torchrun of W ranks over every exact method (2 launches in all, not one per method)."""
     d = tmp_path_factory.mktemp(f"ranks_{request.param}")
@@ -91,21 +91,26 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(ranks, name):
         assert abs(got["plain_loss"].item() - loss.item()) > 1e-4 * max(1.0, abs(loss.item()))
 
 
-# ------------------------------------------------------------------------------------------------ EMA targets, ZeRO-3
+# ------------------------------------------------------------------------------------------- EMA targets, ZeRO-3, FSDP2
 #: every momentum-encoder method but MoCo v2 (tests/test_deepspeed.py proves its key encoder; its queue
 #: and shuffle BN make its runs per rank)
 MOMENTUM = [n for n in EXACT if issubclass(METHODS.get(n), MomentumMethod)]
 
 
+_RUNS = {}   # (method, backend) -> run dir: the DDP reference is trained once for both sharded backends
+
+
 def _train(tmp_path_factory, shards, name, backend):
-    run_dir = tmp_path_factory.mktemp(f"ema_{name}_{backend}") / "run"
+    if (name, backend) in _RUNS:
+        return _RUNS[name, backend]
+    run_dir = _RUNS[name, backend] = tmp_path_factory.mktemp(f"ema_{name}_{backend}") / "run"
     model = dict(a.split("=", 1) for a in SMALL_VIT) if build(name)[0].model.name.startswith("vit") else {
         "model.name": "resnet10t"}
     ov = {"data.train": f"{shards}/train", "data.val": "null", "run_dir": run_dir, **model,
           "data.image_size": 16, "train.global_batch_size": 16, "train.max_steps": 3, "data.num_workers": 0,
           "data.shuffle_buffer": 64, "log.every_steps": 1, "log.progress": "false", "train.channels_last": "false",
           "optim.name": "sgd", "optim.warmup_steps": 1, "method.momentum": 0.5,
-          "train.backend": "deepspeed" if backend == "zero3" else "ddp", "deepspeed.zero_stage": 3}
+          "train.backend": {"zero3": "deepspeed"}.get(backend, backend), "deepspeed.zero_stage": 3}
     torchrun("-m", "pretrain.cli", "train", config_path(name), *[f"{k}={v}" for k, v in ov.items()], timeout=600,
              check=True)
     return run_dir
@@ -113,12 +118,13 @@ def _train(tmp_path_factory, shards, name, backend):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("sharded", ["zero3", "fsdp"])
 @pytest.mark.parametrize("name", MOMENTUM)
-def test_ema_target_under_zero3_equals_ddp(tmp_path_factory, tmp_path, digits_shards, name):
-    """The EMA target is partitioned like the online network and updated slice by slice on each rank:
-    after 3 steps from the same start (m = 0.5, so it moves), its weights exported with --which key equal
-    the DDP run's, and so do the losses at every step."""
-    ddp, z3 = (_train(tmp_path_factory, digits_shards, name, b) for b in ("ddp", "zero3"))
+def test_ema_target_sharded_equals_ddp(tmp_path_factory, tmp_path, digits_shards, name, sharded):
+    """The EMA target is partitioned like the online network (ZeRO-3's partitions, FSDP2's DTensor shards)
+    and updated slice by slice on each rank: after 3 steps from the same start (m = 0.5, so it moves), its
+    weights exported with --which key equal the DDP run's, and so do the losses at every step."""
+    ddp, z3 = (_train(tmp_path_factory, digits_shards, name, b) for b in ("ddp", sharded))
     want, got = tb_scalars(ddp), tb_scalars(z3)
     assert sorted(got) == [1, 2, 3] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in got), (got, want)
     ref = torch.load(find_checkpoint(ddp), map_location="cpu", weights_only=True)["model"]

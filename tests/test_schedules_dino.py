@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from helpers import SMALL_VIT, cli, tb_scalars, torchrun, train_overrides
 from pretrain.config import ConfigError, load_config
@@ -81,7 +82,7 @@ class _Hooked(Method):
             grads.set(p, grads.get(p) * 2)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed", "fsdp"])
 def test_on_gradients_edits_reach_the_optimizer_under_each_backend(backend):
     """Between the last backward and the optimizer step: a zeroed gradient (with no weight decay) leaves its
     parameters exactly in place, a doubled one moves them twice as far under SGD; the weight-decay value of the
@@ -96,28 +97,32 @@ def test_on_gradients_edits_reach_the_optimizer_under_each_backend(backend):
     ref.load_state_dict(m.state_dict())
     be = create_backend(m, cfg, torch.device("cpu"))
     be.set_lr(0.1, 0.1, weight_decay=0.0)
-    opt = be.optimizers["main"] if backend == "ddp" else be.engines["main"].optimizer
     x = torch.randn(4, 3)
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    before = {n: _full(p).clone() for n, p in m.named_parameters()}
     ctx = m.step_context(0, 2, 1)
     be.backward(be.forward({"x": x}, ctx)["loss"])
     be.step(ctx)
-    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith("backbone"))
+    assert all(torch.equal(_full(p), before[n]) for n, p in m.named_parameters() if n.startswith("backbone"))
     ref.b(ref.backbone(x)).pow(2).mean().backward()
     for n, p in ref.named_parameters():
         if n.startswith("b."):   # SGD: p - lr * 2 * grad
-            torch.testing.assert_close(dict(m.named_parameters())[n].detach(), p.detach() - 0.1 * 2 * p.grad,
+            torch.testing.assert_close(_full(dict(m.named_parameters())[n]), p.detach() - 0.1 * 2 * p.grad,
                                        rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(m.grads_seen[n], p.grad, rtol=1e-5, atol=1e-6)
     ctx = m.step_context(1, 2, 1)   # freeze over: the backbone moves
     be.backward(be.forward({"x": x}, ctx)["loss"])
     be.step(ctx)
-    assert not all(torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith("backbone"))
+    assert not all(torch.equal(_full(p), before[n]) for n, p in m.named_parameters() if n.startswith("backbone"))
     be.set_lr(0.1, 0.1, weight_decay=0.25)
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.25, 0.0]
+    assert [g["weight_decay"] for g in be.param_groups()] == [0.25, 0.0]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def _full(p):
+    """A parameter's whole value, whatever the backend did to it (FSDP2: a sharded DTensor)."""
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed", "fsdp"])
 def test_a_group_frozen_by_a_schedule_has_lr_zero_while_it_is_on(backend):
     """`frozen_by`: the group's LR is 0 while the named scheduled value is > 0, the scheduled LR after."""
     from pretrain.engine.backends import create_backend
@@ -134,15 +139,14 @@ def test_a_group_frozen_by_a_schedule_has_lr_zero_while_it_is_on(backend):
                              "train.global_batch_size=4", "deepspeed.zero_stage=2"])
     m = Frozen()
     be = create_backend(m, cfg, torch.device("cpu"))
-    opt = be.optimizers["main"] if backend == "ddp" else be.engines["main"].optimizer
     for step, want in ((0, [0.1, 0.0]), (1, [0.1, 0.1])):
         ctx = m.step_context(step, 2, 1)
         be.set_lr(0.1, 0.1, 0.1, ctx.values)
-        assert [g["lr"] for g in opt.param_groups] == want
-        before = [p.detach().clone() for p in m.b.parameters()]
+        assert [g["lr"] for g in be.param_groups()] == want
+        before = [_full(p).clone() for p in m.b.parameters()]
         be.backward(be.forward({"x": torch.randn(4, 3)}, ctx)["loss"])
         be.step(ctx)
-        assert all(torch.equal(p, q) for p, q in zip(m.b.parameters(), before)) == (step == 0)   # AdamW: no decay either
+        assert all(torch.equal(_full(p), q) for p, q in zip(m.b.parameters(), before)) == (step == 0)   # AdamW: no decay either
 
 
 def test_layer_decay_follows_dinov2():

@@ -1,7 +1,7 @@
 """Checkpoints: run_dir/checkpoints/step_NNNNNNNN(.pt | /), atomic, the newest K kept.
 
-A checkpoint holds the backend state (model, optimizer, scaler; DeepSpeed's own format under
-DeepSpeed) plus client state: step, epoch, the resolved config, every rank's RNG states and the
+A checkpoint holds the backend state (model, optimizer, scaler, in the backend's own format: one
+file under DDP, DeepSpeed's directories, a torch.distributed.checkpoint directory under FSDP2) plus client state: step, epoch, the resolved config, every rank's RNG states and the
 method's extra state, and every rank's data-stream position (how many samples each loader worker's
 stream had read: corrupt samples make that more than the step implies; see pretrain.data.pipeline),
 so that a resumed run continues exactly.
@@ -153,7 +153,7 @@ class Checkpointer:
         self.rank, self.world = comm.world_info()
 
     def _path(self, step: int) -> Path:
-        return self.dir / (f"step_{step:08d}.pt" if self.backend.name == "ddp" else f"step_{step:08d}")
+        return self.dir / self.backend.checkpoint_name(step)
 
     def save(self, step: int, epoch: int, config: dict, extra: dict, data: Optional[dict] = None) -> Path:
         """Write step `step` (every rank calls this). `data`: this rank's data-stream position
@@ -185,8 +185,13 @@ class Checkpointer:
         """Load checkpoint `path` (claim_run_dir's answer); returns its client state, or None (fresh)."""
         if path is None:
             return None
-        if self.backend.name == "ddp" and path.is_dir() or self.backend.name != "ddp" and path.is_file():
-            raise CheckpointError(f"{path} was written by the other backend; resume with the train.backend it was saved with")
+        from pretrain.engine.backends import checkpoint_writer
+
+        writer = checkpoint_writer(path)
+        if writer is not type(self.backend):
+            raise CheckpointError(f"{path} was written by train.backend={writer.name} and this run has "
+                                  f"train.backend={self.backend.name}; resume with train.backend={writer.name}, or "
+                                  f"export it (pretrain export) and warm-start a new run from the file")
         state = self.backend.load(path)
         rngs = state.get("rng") or []
         if len(rngs) == self.world:

@@ -7,7 +7,12 @@ of it, and two parameters of the same shape are sliced identically. So the momen
 *partitioned in step with* the online network and updated slice by slice on each rank, with no
 communication and no gathered copy of the whole model (its forward gathers its weights like any
 ZeRO-3 module). Small parameters that ZeRO-3 keeps whole on every rank ("persistent") have their
-full copy updated as well. With DDP and ZeRO-1/2 parameters are replicated and the full tensors are updated.
+full copy updated as well. With DDP and ZeRO-1/2 parameters are replicated and the full tensors are updated. Under FSDP2 both
+networks' parameters are DTensors sharded alike (the backend shards the target with the rule it shards
+the online network with): each rank updates its local shards, again with no communication.
+
+The update is one `torch._foreach_lerp_` over the flat lists of tensors (a few fused kernels instead of
+two per tensor; `foreach=False` keeps the per-tensor loop, measured against it in docs/benchmarks.md).
 
 When the weights are bf16/fp16 (DeepSpeed's half-precision modules), an fp32 master of the target
 is kept: at m = 0.99..0.9999 the per-step change is below bf16's resolution and a half-precision
@@ -26,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from pretrain.comm import world_info
 
@@ -49,6 +55,11 @@ def _views(t: torch.Tensor, o: torch.Tensor):
     ZeRO-3 this rank's partitions, plus the full tensors while they are materialised on every rank
     (ZeRO-3 keeps small "persistent" parameters whole after their first forward and would not
     re-gather a frozen one, so its full copy must be updated too, identically)."""
+    if isinstance(t, DTensor) or isinstance(o, DTensor):
+        if not (isinstance(t, DTensor) and isinstance(o, DTensor) and t.placements == o.placements):
+            raise ValueError("EMA: the target and online networks are not sharded alike by FSDP; shard both with "
+                             "the same rule (the fsdp backend shards every module of the method)")
+        return [("part", t.to_local(), o.to_local())]
     if hasattr(t, "ds_tensor") != hasattr(o, "ds_tensor"):
         raise ValueError("EMA: one network is partitioned by ZeRO-3 and the other is not; put both under the "
                          "same DeepSpeed engine (or use ZeRO-1/2)")
@@ -78,19 +89,24 @@ class EMA:
         self._pairs = list(zip(t, o))
 
     @torch.no_grad()
-    def update(self, momentum: float) -> None:
+    def update(self, momentum: float, foreach: bool = True) -> None:
+        """target <- momentum * target + (1 - momentum) * online, on every (local part of a) parameter."""
         if self._pairs is None:
             self._setup()
+        full, halves = ([], []), ([], [], [])   # (targets, onlines); (targets, fp32 masters, onlines)
         for i, (t, o) in enumerate(self._pairs):
             for kind, tv, ov in _views(t, o):
                 if tv.dtype == torch.float32:
-                    tv.mul_(momentum).add_(ov, alpha=1 - momentum)
+                    full[0].append(tv), full[1].append(ov)
                     continue
                 master = self._masters.get((i, kind))
                 if master is None:
                     master = self._masters[(i, kind)] = tv.float()
-                master.mul_(momentum).add_(ov.float(), alpha=1 - momentum)
-                tv.copy_(master)
+                halves[0].append(tv), halves[1].append(master), halves[2].append(ov.float())
+        _lerp_(full[0], full[1], momentum, foreach)
+        _lerp_(halves[1], halves[2], momentum, foreach)
+        for tv, master in zip(halves[0], halves[1]):
+            tv.copy_(master)
         if self.copy_buffers:
             for tb, ob in zip(self.target.buffers(), self.online.buffers()):
                 tb.copy_(ob)
@@ -146,6 +162,18 @@ class EMA:
                 raise ValueError(f"the checkpoint's EMA master {key} is {tuple(master.shape)} and the model has "
                                  f"{shape or 'no ZeRO-3 partition'} there: resume with the run's own model and ZeRO stage")
             self._masters[(int(i), kind)] = master.to(view.device, torch.float32, copy=True)
+
+
+def _lerp_(targets: list, onlines: list, momentum: float, foreach: bool) -> None:
+    """targets[i] <- momentum * targets[i] + (1 - momentum) * onlines[i]: one fused lerp over the lists, or
+    tensor by tensor (two kernels each)."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_lerp_(targets, onlines, 1 - momentum)
+        return
+    for t, o in zip(targets, onlines):
+        t.mul_(momentum).add_(o, alpha=1 - momentum)
 
 
 def _full_shape(p: torch.Tensor):

@@ -1,17 +1,18 @@
 """Run under torchrun (W ranks, gloo). For each method named in argv, rank r takes samples
 [r*B, (r+1)*B) of every view of a fixed global batch, runs one forward and backward through the real
-training backend (DDP, or DeepSpeed ZeRO-2 fp32) exactly as the trainer builds it (global BN when the
+training backend (DDP, DeepSpeed ZeRO-2 fp32, or FSDP2 fp32) exactly as the trainer builds it (global BN when the
 method asks for it), and rank 0 saves the rank-mean loss and every parameter's rank-averaged gradient
 (under ZeRO-2 gathered from its partitions before any optimizer step). The test recomputes both in
 one process over the whole batch. Also, as a check that the comparison has teeth: the loss the same
 ranks get with per-rank BatchNorm statistics (what plain BN under DDP computes).
 
-argv: BACKEND (ddp|zero2) INPUTS_PT OUT_PT METHOD [METHOD ...]
+argv: BACKEND (ddp|zero2|fsdp) INPUTS_PT OUT_PT METHOD [METHOD ...]
 """
 import copy
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 from rank_common import build, rank_slice  # noqa: E402
@@ -29,7 +30,7 @@ result = {}
 for name in names:
     B = inputs[name]["views"][0].shape[1] // world                  # views per size: [V_g, W*B, 3, S, S]
     local = rank_slice(inputs[name], rank, B)
-    cfg, method = build(name, backend="deepspeed" if backend_name == "zero2" else "ddp", global_batch=world * B)
+    cfg, method = build(name, backend={"zero2": "deepspeed"}.get(backend_name, backend_name), global_batch=world * B)
     with torch.no_grad():   # per-rank BN statistics: the loss a run without global BN would see
         plain = comm.all_reduce_mean(copy.deepcopy(method)(local)["loss"].detach())
     if getattr(method, "sync_bn", False):
@@ -43,8 +44,9 @@ for name in names:
         be.model.backward(loss)   # reduces (averages) the gradients into ZeRO-2's partitions; no step
         grads = {n: safe_get_full_grad(p) for n, p in be.module.named_parameters() if p.requires_grad}
     else:
-        loss.backward()           # DDP averages the gradients over ranks
+        loss.backward()           # DDP averages the gradients over ranks; FSDP2 reduce-scatters their mean
         grads = {n: p.grad for n, p in be.module.named_parameters() if p.requires_grad}
+        grads = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
     extra = be.module.extra_state()   # state the step changed (DINO's centre): equal to one process's too
     result[name] = {"loss": comm.all_reduce_mean(loss.detach()), "plain_loss": plain,
                     "grads": {n: (g.clone() if g is not None else None) for n, g in grads.items()},
