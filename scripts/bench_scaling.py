@@ -11,7 +11,7 @@ ratios between backends, then the formulas extrapolated to 64 nodes x 8 GPUs (Re
 Each backend runs two real training steps of SimCLR (pretrain.methods.create_method on a
 pretrain.config.load_config config, AdamW, random images, global BN across ranks as the trainer
 sets it up) through the engine's own backends (pretrain.engine.backends.create_backend): DDP, and
-DeepSpeed ZeRO-1, -2, -3 in fp32 (and bf16 unless --quick). Step 1 creates the optimizer state and
+DeepSpeed ZeRO-1, -2, -3 and FSDP2 in fp32 (and bf16 unless --quick). Step 1 creates the optimizer state and
 lets DDP rebuild its buckets; everything is measured in step 2:
 
 * communication: torch.distributed's collectives are wrapped with counters, and each call is put
@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,9 +72,12 @@ def allreduce_formula(nbytes, W):
 
 
 def memory_formula(stage, psi, W, precision="fp32", persist=0):
-    """Per-rank model states under AdamW as DDP (stage 0) and DeepSpeed keep them (CATS[:5]).
+    """Per-rank model states under AdamW as DDP (stage 0), DeepSpeed and FSDP2 (stage "fsdp") keep them (CATS[:5]).
+    FSDP2 keeps fp32 shards of everything in either precision (bf16 copies exist only while a unit computes).
     w: bytes per weight and gradient element of the model DeepSpeed computes with (4 fp32, 2 bf16);
     persist: parameters in tensors of <= PERSIST elements, which ZeRO-3 keeps whole on every rank."""
+    if stage == "fsdp":
+        return {"params": 4 * psi / W, "grads": 4 * psi / W, "DDP bkts": 0, "master": 0, "optim": 8 * psi / W}
     if stage == 0:   # DDP; in bf16 it autocasts, so weights, grads and their bucket copies stay fp32
         return {"params": 4 * psi, "grads": 4 * psi, "DDP bkts": 4 * psi if W > 1 else 0, "master": 0, "optim": 8 * psi}
     w = 4 if precision == "fp32" else 2
@@ -100,11 +104,14 @@ def _sources() -> dict:
     """The code that makes each counted kind of collective -> its name."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as fsdp
+
     from pretrain.losses.distributed import _AllReduceSumWithGrad, _GatherWithGrad
 
     return {_GatherWithGrad.forward.__code__: "gather fwd", _GatherWithGrad.backward.__code__: "gather bwd",
             _AllReduceSumWithGrad.forward.__code__: "global BN", _AllReduceSumWithGrad.backward.__code__: "global BN",
-            DDP._distributed_broadcast_coalesced.__code__: "DDP buffers", count_hook.__code__: "DDP grads"}
+            DDP._distributed_broadcast_coalesced.__code__: "DDP buffers", count_hook.__code__: "DDP grads",
+            fsdp.foreach_all_gather.__code__: "FSDP gather", fsdp.foreach_reduce.__code__: "FSDP red.-scatter"}
 
 
 def _source(sources) -> str:
@@ -181,6 +188,7 @@ def measure_memory(be, ddp_buckets, reduce_buckets) -> dict:
     seen, out = set(), dict.fromkeys(CATS, 0)
 
     def add(cat, t):   # a storage counts once, in the category it is first seen in
+        t = t.to_local() if isinstance(t, DTensor) else t   # FSDP2: this rank's shard
         if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and t.untyped_storage().data_ptr() not in seen:
             seen.add(t.untyped_storage().data_ptr())
             out[cat] += t.untyped_storage().nbytes()
@@ -191,7 +199,7 @@ def measure_memory(be, ddp_buckets, reduce_buckets) -> dict:
         add("params", getattr(p, "ds_tensor", None))   # ZeRO-3's partition of p
     for p in params:
         add("grads", p.grad)
-    zero = None if be.name == "ddp" else be.engines["main"].optimizer
+    zero = be.engines["main"].optimizer if be.name == "deepspeed" else None
     opt = be.optimizers["main"] if zero is None else zero.optimizer
     for p in (p for g in opt.param_groups for p in g["params"]):   # ZeRO-1/2: the flat fp32 partitions
         add("master", p)
@@ -226,8 +234,8 @@ def watch_reduce_bucket(zero, found):
 # ------------------------------------------------------------------------------------------------
 # one rank's measurements
 def run_one(a, W, stage, precision):
-    """Two training steps (stage 0: DDP, else DeepSpeed ZeRO-stage); what step 2 communicated, and
-    the memory held between its backward and optimizer step."""
+    """Two training steps (stage 0: DDP, "fsdp": FSDP2, else DeepSpeed ZeRO-stage); what step 2 communicated,
+    and the memory held between its backward and optimizer step."""
     from pretrain.config import load_config
     from pretrain.engine.backends import create_backend
     from pretrain.methods import create_method
@@ -237,7 +245,8 @@ def run_one(a, W, stage, precision):
         "method.name=simclr", f"method.proj_hidden_dim={a.hidden}", f"method.proj_dim={a.dim}", "data.train=unused",
         f"model.name={a.model}", f"data.image_size={a.image_size}", f"train.global_batch_size={a.batch * W}",
         "optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05", f"train.precision={precision}",
-        f"train.backend={'ddp' if stage == 0 else 'deepspeed'}", f"deepspeed.zero_stage={stage}"])
+        f"train.backend={'ddp' if stage == 0 else stage if stage == 'fsdp' else 'deepspeed'}",
+        f"deepspeed.zero_stage={0 if stage == 'fsdp' else stage}"])
     torch.manual_seed(0)
     method = create_method(cfg)
     if method.sync_bn and W > 1:   # as pretrain.engine.trainer does
@@ -260,7 +269,7 @@ def run_one(a, W, stage, precision):
         reduce_buckets.clear()
         with CommCounter() as comm:
             loss = be.forward(batch)["loss"]
-            if stage == 0:
+            if stage in (0, "fsdp"):
                 be.backward(loss)
                 mem = measure_memory(be, ddp_buckets, reduce_buckets)
                 be.step(need_norm=False)
@@ -281,8 +290,10 @@ def worker(a) -> dict:
     if env.world_size > 1:
         pdist.init_distributed(env, "gloo", timeout_s=600)
     out, t0 = {"W": env.world_size, "runs": {}}, time.perf_counter()
-    for stage, precision in [(s, "fp32") for s in range(4)] + ([] if a.quick else [(s, "bf16") for s in (1, 2, 3)]):
-        key = "DDP" if stage == 0 else f"ZeRO-{stage}" + (" bf16" if precision == "bf16" else "")
+    for stage, precision in [(s, "fp32") for s in (0, 1, 2, 3, "fsdp")] + \
+            ([] if a.quick else [(s, "bf16") for s in (1, 2, 3, "fsdp")]):
+        key = "DDP" if stage == 0 else ("FSDP2" if stage == "fsdp" else f"ZeRO-{stage}") + \
+            (" bf16" if precision == "bf16" else "")
         r = run_one(a, env.world_size, stage, precision)
         mems = [r["memory"]] * env.world_size
         if env.world_size > 1:
@@ -326,9 +337,9 @@ def report(res, a):
           f"  ratio | {'paper':>7}  ratio | {'max rank':>8} | {'red.bkt':>7} {'other':>5}")
     s = summary(res)
     for key, m in s.items():
-        stage, bf16 = 0 if key == "DDP" else int(key[5]), "bf16" in key
+        stage, bf16 = 0 if key == "DDP" else "fsdp" if key.startswith("FSDP") else int(key[5]), "bf16" in key
         f = memory_formula(stage, psi, W, "bf16" if bf16 else "fp32", persist)
-        fs, paper = sum(f.values()), paper_formula(stage, psi, W, bf16)
+        fs, paper = sum(f.values()), paper_formula(3 if stage == "fsdp" else stage, psi, W, bf16)
         print(f"  {key:<14}measured   " + "".join(f"{m[k] / MB:9.2f}" for k in STATES + ("states",)) +
               f"  {m['states'] / fs:.3f} | {paper / MB:7.2f}  {m['paper'] / paper:.3f} | {m['max'] / MB:8.2f} | "
               f"{m['red.bkt'] / MB:7.0f} {m['other'] / MB:5.2f}")
@@ -364,12 +375,13 @@ def extrapolate(W=512, B=4096, hidden=2048, dim=128):
         print(f"    {'MB per rank':<14}" + "".join(f"{x:>9}" for x in STATES) + f"{'total':>9}{'paper':>9}"
               f"  ZeRO-1/2 worst rank (grads of whole tensors)")
         for prec in ("fp32", "bf16"):
-            for stage in range(4):
+            for stage in (0, 1, 2, 3, "fsdp"):
                 f, w = memory_formula(stage, psi, W, prec, persist), 4 if prec == "fp32" else 2
                 worst = sum(f.values()) + w * 2 * big if stage in (1, 2) else None
-                print(f"    {('DDP' if stage == 0 else f'ZeRO-{stage}') + ' ' + prec:<14}" +
+                name = {0: "DDP", "fsdp": "FSDP2"}.get(stage, f"ZeRO-{stage}")
+                print(f"    {name + ' ' + prec:<14}" +
                       "".join(f"{f[k] / MB:9.2f}" for k in STATES) + f"{sum(f.values()) / MB:9.2f}"
-                      f"{paper_formula(stage, psi, W, prec == 'bf16') / MB:9.2f}" +
+                      f"{paper_formula(3 if stage == 'fsdp' else stage, psi, W, prec == 'bf16') / MB:9.2f}" +
                       (f"  <= {worst / MB:.2f}" if worst else ""))
 
 

@@ -1,6 +1,6 @@
 """scripts/bench_scaling.py: its formulas, its measurements in one process, and its --quick run at world
 sizes 1 and 2, whose measured communication must equal the formulas byte for byte and whose per-rank
-memory must order DDP > ZeRO-1 >= ZeRO-2 > ZeRO-3 (docs/scaling.md). No timing is asserted."""
+memory must order DDP > ZeRO-1 >= ZeRO-2 > ZeRO-3, FSDP2 at half of DDP's (docs/scaling.md). No timing is asserted."""
 from __future__ import annotations
 
 import importlib.util
@@ -98,4 +98,10 @@ def test_quick_memory_orders_and_matches_formulas(quick):
         assert 0.999 * f["grads"] <= s2[key]["grads"] < 2 * f["grads"], key
         assert s2[key]["master"] == pytest.approx(f["master"], rel=1e-3), key
     assert s2["ZeRO-3"]["red.bkt"] > 0 and s2["DDP"]["red.bkt"] == 0
-    assert "ZeRO-3 / DDP" in stdout and "extrapolation: 512 ranks" in stdout
+    # FSDP2 at W=2: fp32 shards of weights, gradients and Adam's moments, half of DDP's (without its buckets)
+    f = bs.memory_formula("fsdp", psi, 2)
+    for cat in bs.STATES:
+        assert s2["FSDP2"][cat] == pytest.approx(f[cat], rel=2e-3, abs=4096), ("FSDP2", cat)
+    assert 0.49 <= s2["FSDP2"]["paper"] / s2["DDP"]["paper"] <= 0.51, (s2["FSDP2"], s2["DDP"])
+    assert s1["FSDP2"]["states"] == pytest.approx(s1["DDP"]["paper"], rel=1e-3)
+    assert "ZeRO-3 / DDP" in stdout and "FSDP2 / DDP" in stdout and "extrapolation: 512 ranks" in stdout
