@@ -44,6 +44,33 @@ def test_ema_update_rule_and_frozen_copy():
         torch.testing.assert_close(t, 0.75 * a + 0.25 * o)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("half", [False, True])
+def test_fused_and_per_tensor_updates_follow_a_float64_reference(foreach, half):
+    """Many tensors of several shapes, 20 updates at a changing momentum: the fused foreach_lerp_ update and the
+    per-tensor loop both track the same EMA computed in float64 (bf16 targets: through their fp32 masters)."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 5), nn.LayerNorm(5))
+    target = momentum_copy(online)
+    ref = [p.detach().double().clone() for p in target.parameters()]
+    if half:
+        target.bfloat16()
+        ref = [r.bfloat16().double() for r in ref]   # the master starts from the bf16 target
+    ema = EMA(target, online)
+    for i in range(20):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn_like(p))
+        m = 0.9 + 0.005 * i
+        ema.update(m, foreach=foreach)
+        ref = [m * r + (1 - m) * o.detach().double() for r, o in zip(ref, online.parameters())]
+    masters = [ema._masters[(i, "full")] for i in range(len(ref))] if half else list(target.parameters())
+    for got, want in zip(masters, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if half:   # and the bf16 targets are their masters rounded
+        assert all(torch.equal(t, mm.bfloat16()) for t, mm in zip(target.parameters(), masters))
+
+
 def test_ema_of_half_precision_weights_keeps_an_fp32_master():
     """At m=0.999 a bf16 EMA step is below bf16 resolution; the fp32 master must keep it moving."""
     online, target = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
