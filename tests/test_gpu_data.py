@@ -175,11 +175,18 @@ def test_mixed_sizes_in_one_padded_batch_crop_as_each_image_alone():
     boxes = torch.tensor([[[5, 8, 4, 5], [14, 3, 6, 4], [0, 0, 16, 16]]])                   # at the bottom-right corners
     (t, left, h, w), idx = boxes[0].float().unbind(-1), torch.arange(3.0)
     rois = torch.stack([idx, left, t, left + w, t + h], -1)                                   # (b, x1, y1, x2, y2)
-    together = roi_align(padded(imgs), rois, 12, sampling_ratio=-1, aligned=True)
+    batch = padded(imgs)
+    together = roi_align(batch, rois, 12, sampling_ratio=-1, aligned=True)
     for b, x in enumerate(imgs):
+        h, w = x.shape[1:]     # the image, one replicated row and column, zeros beyond
+        assert torch.equal(batch[b, :, :h + 1, :w + 1], torch.nn.functional.pad(x[None].float(), (0, 1, 0, 1), "replicate")[0])
+        assert not batch[b, :, h + 1:].any() and not batch[b, :, :, w + 1:].any()
         alone = roi_align(x[None].float(), rois[b:b + 1] * torch.tensor([0, 1, 1, 1, 1]), 12, sampling_ratio=-1,
                           aligned=True)
         torch.testing.assert_close(together[b], alone[0], atol=1e-3, rtol=0)
+    same = padded([imgs[2], imgs[2].flip(-1)])       # one size: the stack-and-pad shortcut, same layout
+    assert torch.equal(same, torch.nn.functional.pad(torch.stack([imgs[2], imgs[2].flip(-1)]).float(), (0, 1, 0, 1),
+                                                     "replicate"))
 
 
 # ------------------------------------------------------------------------------------------------ faults

@@ -24,13 +24,15 @@ this rare (a JPEG whose header and end marker are intact but whose data is not).
 Padding: roi_align takes one [N, C, H, W] tensor, so images of different sizes are placed top-left in a
 [B, 3, H_max, W_max] float tensor; the row and column just past each image repeat its last row and
 column, so a bilinear sample between an image's last pixel centre and its border reads the edge value,
-as roi_align's own clamp at the tensor border does, and nothing further out is ever sampled.
+as roi_align's own clamp at the tensor border does, and nothing further out is ever sampled. Images all of
+one size are stacked and padded in one call each.
 """
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
@@ -96,14 +98,19 @@ def decode_batch(items: Sequence[torch.Tensor], sizes: Sequence[Tuple[int, int]]
 def padded(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """[3, h_i, w_i] uint8 images -> [B, 3, H_max, W_max] float32, each top-left, with one repeated row and
     column past its bottom and right edges (module docstring)."""
+    if len({tuple(x.shape) for x in images}) == 1:   # one size (pre-resized shards): one stack, one pad
+        return F.pad(torch.stack(images).float(), (0, 1, 0, 1), mode="replicate")
     H = max(x.shape[1] for x in images) + 1
     W = max(x.shape[2] for x in images) + 1
     out = torch.zeros(len(images), 3, H, W, device=images[0].device)
     for b, x in enumerate(images):
-        h, w = x.shape[1:]
-        out[b, :, :h, :w] = x
-        out[b, :, :h, w] = out[b, :, :h, w - 1]           # repeat the last column
-        out[b, :, h, :w + 1] = out[b, :, h - 1, :w + 1]   # and the last row (corner included)
+        out[b, :, :x.shape[1], :x.shape[2]] = x
+    dev = out.device
+    b = torch.arange(len(images), device=dev)
+    h = torch.tensor([x.shape[1] for x in images], device=dev)
+    w = torch.tensor([x.shape[2] for x in images], device=dev)
+    out[b, :, :, w] = out[b, :, :, w - 1]     # [B, 3, H]: repeat each image's last column (zeros below it stay zeros)
+    out[b, :, h, :] = out[b, :, h - 1, :]     # [B, 3, W]: then its last row, corner included
     return out
 
 
