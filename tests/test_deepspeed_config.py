@@ -76,6 +76,13 @@ def test_deepspeed_optimizer_or_scheduler_is_refused(section):
         deepspeed_config(_cfg(f"deepspeed.overrides.{section}.type=WarmupLR"), WORLD)
 
 
+def test_compile_is_refused_rather_than_ignored():
+    """train.compile is not wired into DeepSpeed's engine: an error, where before it was silently ignored."""
+    with pytest.raises(ConfigError, match="train.compile=true is not wired into DeepSpeed"):
+        deepspeed_config(_cfg("train.compile=true"), WORLD)
+    deepspeed_config(_cfg("train.compile=false"), WORLD)
+
+
 def test_equal_values_and_auto_are_ours(tmp_path):
     """Repeating our values is fine; "auto" (HF's DeepSpeed configs) is filled in from our keys."""
     want = deepspeed_config(_cfg("train.grad_accum=2", "train.clip_grad=1.5", "train.precision=bf16"), WORLD)

@@ -97,6 +97,10 @@ def deepspeed_config(cfg, world: int) -> dict:
         raise ConfigError("optim.name=lars needs per-layer weight norms, which DeepSpeed's ZeRO stages 1-3 and "
                           "its bf16/fp16 optimizers flatten away; use optim.name=adamw or sgd with "
                           "train.backend=deepspeed, or train.backend=ddp (or deepspeed.zero_stage=0 with fp32)")
+    if cfg.train.compile not in (None, False):
+        shown = str(cfg.train.compile).lower() if isinstance(cfg.train.compile, bool) else cfg.train.compile
+        raise ConfigError(f"train.compile={shown} is not wired into DeepSpeed's engine here; use "
+                          f"train.backend=ddp or fsdp to compile, or train.compile=false with train.backend=deepspeed")
     if cfg.train.channels_last:
         # the same flattening copies every parameter into a contiguous (NCHW) buffer; ZeRO-0 in fp32
         # would keep NHWC, but is DDP with extra steps: not worth an untested path

@@ -41,6 +41,7 @@ from pretrain import comm
 from pretrain.config import ConfigError
 from pretrain.engine.backends import CONFIG_JSON, Backend, Gradients, _cast, _precision, build_optimizers, \
     single_process_group
+from pretrain.engine.compile import compile_method
 
 #: a checkpoint's client state (step, config, RNG states, data positions, extra state), torch.save by rank 0
 CLIENT_PT = "client_state.pt"
@@ -90,7 +91,8 @@ class FSDPBackend(Backend):
         # the root's inputs are cast here (forward), as DeepSpeed's: a method may ask for its inputs as they are
         fully_shard(method, mp_policy=MixedPrecisionPolicy(self.dtype, reduce, cast_forward_inputs=False),
                     reshard_after_forward=reshard)
-        self.module = self.model = method
+        self.module = method
+        self.model = compile_method(method, cfg)          # train.compile: around the sharded method
         self.optimizers = build_optimizers(method, cfg)   # over the DTensor shards
         self.device, self.cfg, self.accum, self.clip = device, cfg, cfg.train.grad_accum, cfg.train.clip_grad
         self._phase = method.phases[0]
@@ -108,7 +110,7 @@ class FSDPBackend(Backend):
         ctx = ctx or self.module.step_context(phase=self._phase)
         if self.dtype is not None and not self.module.casts_inputs:   # bf16 compute weights: matching inputs
             batch = {k: _cast(v, self.dtype) for k, v in batch.items()}
-        return self.module(batch, ctx)
+        return self.model(batch, ctx)
 
     def backward(self, loss):
         (loss / self.accum).backward()
