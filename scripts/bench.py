@@ -8,6 +8,10 @@
                                                # multi-crop 2x224 + 6x96: ours vs our two-view 224 vs lightly
     python scripts/bench.py engine [--quick] [--method simclr|moco_v2]
                                                # `pretrain` train step vs a hand-written PyTorch loop
+    python scripts/bench.py checkpointing [--quick] [--models NAME:BATCH:PX ...]
+                                               # model.grad_checkpointing off vs on: kept activations, step time
+    python scripts/bench.py compile [--quick] [--methods simclr dino mae] [--backend inductor]
+                                               # train.compile: eager vs compiled method forward+backward
 
 Results and settings are in docs/benchmarks.md. `--quick` is a seconds-long smoke run (tiny
 sizes, one rep): it checks that both sides run, its figures mean little.
@@ -604,6 +608,119 @@ def bench_engine(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# checkpointing
+def saved_bytes_and_loss(model, x):
+    """One forward: (bytes of the activations autograd keeps for the backward, exact and device-independent:
+    every tensor saved for backward, counted once per storage, parameters excluded; the loss)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).float().pow(2).mean()
+    return sum(kept.values()), loss
+
+
+def bench_checkpointing(a) -> int:
+    """model.grad_checkpointing off vs on: kept activation bytes and fwd+bwd step time, interleaved."""
+    from pretrain.models import create_backbone
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"model.grad_checkpointing: activations kept for the backward (saved tensors, exact) and forward+backward "
+          f"step time (median of {a.steps} interleaved pairs after {a.warmup} warmup; {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, load average {load()})")
+    print(f"{'model':>22} {'batch':>5} {'px':>4} | {'MiB off':>8} {'MiB on':>8} {'ratio':>7} | {'s off':>6} {'s on':>6} {'ratio':>7}")
+    for spec in a.models:
+        name, batch, px = spec.split(":")
+        batch, px = int(batch), int(px)
+        models = []
+        for on in (False, True):
+            torch.manual_seed(0)
+            models.append(create_backbone(name, {"img_size": px} if name.startswith("vit") else {},
+                                          grad_checkpointing=on).train())
+        x = torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0))
+        mem, times = [0, 0], [[], []]
+        for i in range(a.warmup + a.steps):
+            for k, m in enumerate(models):
+                m.zero_grad(set_to_none=True)
+                t = time.perf_counter()
+                mem[k], loss = saved_bytes_and_loss(m, x)
+                loss.backward()
+                if i >= a.warmup:
+                    times[k].append(time.perf_counter() - t)
+        t0, t1 = med(times[0]), med(times[1])
+        log(f"  {name}: per-pair ratios {[round(y / x, 3) for x, y in zip(*times)]}")
+        print(f"{name:>22} {batch:5d} {px:4d} | {mem[0] / 2**20:8.1f} {mem[1] / 2**20:8.1f} {mem[1] / mem[0]:6.3f}x | "
+              f"{t0:6.2f} {t1:6.2f} {t1 / t0:6.3f}x")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# compile
+COMPILE_SETUPS = {   # method: (config overrides, batch); CPU-sized: tiny ViTs at 32 px, patch 4
+    "simclr": (["method.name=simclr", "model.name=resnet18", "method.proj_hidden_dim=512", "method.proj_dim=128"], 32),
+    "dino": (["method.name=dino", "method.out_dim=4096", "method.num_local_crops=4", "method.local_crop_size=16",
+              "model.name=vit_tiny_patch16_224", "model.kwargs={img_size: 32, patch_size: 4, dynamic_img_size: true}"], 16),
+    "mae": (["method.name=mae", "method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4",
+             "model.name=vit_tiny_patch16_224", "model.kwargs={img_size: 32, patch_size: 4}"], 32),
+}
+
+
+def bench_compile(a) -> int:
+    """train.compile: eager vs compiled (a.backend) forward+backward of whole methods, interleaved step by step."""
+    import copy
+
+    from pretrain.config import load_config
+    from pretrain.data.views import view_groups
+    from pretrain.engine.compile import CompiledMethod
+    from pretrain.methods import create_method
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = []
+    for name in a.methods:
+        overrides, batch = COMPILE_SETUPS[name]
+        cfg = load_config(None, overrides + ["data.train=unused", f"data.image_size={a.image_size}"])
+        torch.manual_seed(0)
+        eager = create_method(cfg).train()
+        model = copy.deepcopy(eager)
+        compiled = CompiledMethod(model, a.backend, name)
+        g = torch.Generator().manual_seed(0)
+        views = [torch.randn(len(idx), batch, 3, side, side, generator=g) for side, idx in view_groups(eager.views, a.image_size)]
+        data = {"views": views, **({"masks": eager.masking(batch, g)} if eager.masking is not None else {})}
+        times, first = [[], []], None
+        for i in range(1 + a.warmup + a.steps):
+            for k, (m, call) in enumerate(((eager, eager), (model, compiled))):
+                ctx = m.step_context(i, 1000, 100, lr=0.1)
+                m.zero_grad(set_to_none=True)
+                t = time.perf_counter()
+                call(data, ctx)["loss"].backward()
+                dt = time.perf_counter() - t
+                m.after_step(ctx)
+                if i == 0 and k == 1:
+                    first = dt
+                elif i > a.warmup:
+                    times[k].append(dt)
+        t0, t1 = med(times[0]), med(times[1])
+        log(f"  {name}: per-pair ratios {[round(y / x, 3) for x, y in zip(*times)]}; graphs {compiled.graphs}, "
+            f"fallbacks {len(compiled.errors)}")
+        rows.append((name, batch, first, t0, t1, compiled.graphs))
+    print(f"\ntrain.compile={a.backend} vs eager: forward+backward of the method, median of {a.steps} interleaved pairs "
+          f"after {a.warmup} warmup ({a.image_size} px; {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {load()})")
+    print(f"{'method':>8} {'batch':>5} | {'compile s':>9} {'graphs':>6} | {'eager s':>7} {'compiled s':>10} {'ratio':>7}")
+    for name, batch, first, t0, t1, graphs in rows:
+        print(f"{name:>8} {batch:5d} | {first:9.1f} {graphs:6d} | {t0:7.3f} {t1:10.3f} {t1 / t0:6.3f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -650,7 +767,20 @@ def main(argv=None) -> int:
     m.add_argument("--warmup", type=int, default=2, help="untimed batches per run (worker start-up)")
     m.add_argument("--batches", type=int, default=8, help="timed batches per run (a multiple of --workers)")
     m.add_argument("--reps", type=int, default=5)
-    for s in (d, e, m, q):
+    c = sub.add_parser("checkpointing", help="model.grad_checkpointing off vs on: kept activations and step time")
+    c.add_argument("--models", nargs="+", default=["vit_small_patch16_224:8:224", "resnet50:8:224"],
+                   help="NAME:BATCH:PX; default: %(default)s")
+    c.add_argument("--warmup", type=int, default=1)
+    c.add_argument("--steps", type=int, default=4, help="timed off/on pairs")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, = cores)")
+    k = sub.add_parser("compile", help="train.compile: eager vs compiled method forward+backward")
+    k.add_argument("--methods", nargs="+", choices=sorted(COMPILE_SETUPS), default=sorted(COMPILE_SETUPS))
+    k.add_argument("--backend", default="inductor", help="a torch.compile backend (default: %(default)s)")
+    k.add_argument("--image-size", type=int, default=32)
+    k.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
+    k.add_argument("--steps", type=int, default=10, help="timed eager/compiled pairs")
+    k.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, = cores)")
+    for s in (d, e, m, q, c, k):
         s.add_argument("--quick", action="store_true", help="a fast smoke run (small and noisy)")
         s.add_argument("--work-dir", help="where to write images and runs, kept (default: a temporary dir, removed)")
     a = p.parse_args(argv)
@@ -662,7 +792,12 @@ def main(argv=None) -> int:
         a.image, a.global_size, a.local_size, a.batch, a.images, a.warmup, a.batches, a.reps = 64, 32, 16, 16, 200, 2, 2, 1
     if a.quick and a.cmd == "data-paths":
         a.image, a.out, a.batch, a.images, a.warmup, a.batches, a.reps = 64, 32, 16, 200, 2, 2, 1
-    run = {"data": bench_data, "engine": bench_engine, "multicrop": bench_multicrop, "data-paths": bench_paths}[a.cmd]
+    if a.quick and a.cmd == "checkpointing":
+        a.models, a.warmup, a.steps = ["vit_tiny_patch16_224:2:32", "resnet10t:2:32"], 0, 1
+    if a.quick and a.cmd == "compile":
+        a.methods, a.backend, a.warmup, a.steps = ["simclr"], "aot_eager", 0, 1
+    run = {"data": bench_data, "engine": bench_engine, "multicrop": bench_multicrop, "data-paths": bench_paths,
+           "checkpointing": bench_checkpointing, "compile": bench_compile}[a.cmd]
     if a.work_dir:
         return run(a)
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as d:

@@ -19,6 +19,7 @@ from pretrain.methods import METHODS, Method
 from test_methods import _batch, _small
 
 DEFAULT = ["simclr", "mae"]
+FALLS_BACK = {"finetune"}
 #: smaller heads where the paper's are wide or deep (compile time grows with the graph)
 EXTRA = {"mae": ["method.decoder_dim=32", "method.decoder_depth=2", "method.decoder_heads=2"],
          "ijepa": ["method.pred_embed_dim=32", "method.pred_depth=2", "method.pred_num_heads=2"],
@@ -59,7 +60,8 @@ def test_compiled_method_matches_eager(name):
             a, b = torch.cat([g.flatten() for g in ga.values()]), torch.cat([gb[k].flatten() for k in ga])
             assert (a - b).norm() <= 1e-4 * a.norm() + 1e-8, (name, step, phase)
         graphs.append(compiled.graphs)
-    assert not compiled.errors and graphs[0] > 0
+    # finetune's timm mixup reads a tensor's value (.item()): aot_eager fails on that graph, which runs eagerly
+    assert bool(compiled.errors) == (name in FALLS_BACK) and graphs[0] > 0
     assert graphs[1] == graphs[2], graphs
 
 
