@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import subprocess
@@ -97,7 +98,8 @@ def paper_formula(stage, psi, W, mixed):
 # collective -> (position, keyword) of the tensor(s) whose size is its payload, its ring wire factor * W
 WRAPPED = {"all_gather": (0, "tensor_list", 1), "all_reduce": (0, "tensor", 2), "broadcast": (0, "tensor", 1),
            "all_gather_into_tensor": (0, "output_tensor", 1), "reduce_scatter_tensor": (1, "input", 1),
-           "_broadcast_coalesced": (1, "tensors", 1)}
+           "_broadcast_coalesced": (1, "tensors", 1),
+           "all_gather_single": (0, "output_tensor", 1), "reduce_scatter_single": (1, "input", 1)}   # FSDP2's
 
 
 def _sources() -> dict:
@@ -111,7 +113,9 @@ def _sources() -> dict:
     return {_GatherWithGrad.forward.__code__: "gather fwd", _GatherWithGrad.backward.__code__: "gather bwd",
             _AllReduceSumWithGrad.forward.__code__: "global BN", _AllReduceSumWithGrad.backward.__code__: "global BN",
             DDP._distributed_broadcast_coalesced.__code__: "DDP buffers", count_hook.__code__: "DDP grads",
-            fsdp.foreach_all_gather.__code__: "FSDP gather", fsdp.foreach_reduce.__code__: "FSDP red.-scatter"}
+            # both are wrapped by torch.no_grad, whose wrapper's code object they share: the functions' own
+            inspect.unwrap(fsdp.foreach_all_gather).__code__: "FSDP gather",
+            inspect.unwrap(fsdp.foreach_reduce).__code__: "FSDP red.-scatter"}
 
 
 def _source(sources) -> str:
@@ -327,10 +331,18 @@ def report(res, a):
     print(f"  {'bytes per rank per step':<56} {'measured':>12} {'formula':>12}  ratio")
     gather = {k: c.get("gather fwd", none)[k] + c.get("gather bwd", none)[k] for k in ("payload", "wire")}
     bcast = {"payload": ddp["buffers"] if W > 1 else 0, "wire": (W - 1) * ddp["buffers"] // W}
+    fsdp_rows = []
+    for key, w in (("FSDP2", 4), ("FSDP2 bf16", 2)):   # weights gathered in the compute dtype, twice; fp32 reduce
+        if key in res["runs"]:
+            fc = res["runs"][key]["comm"]
+            fsdp_rows += [(f"{key} weight all-gathers (fwd + bwd)", fc.get("FSDP gather", none),
+                           {"payload": 2 * w * psi if W > 1 else 0, "wire": 2 * (W - 1) * w * psi // W}),
+                          (f"{key} gradient reduce-scatter", fc.get("FSDP red.-scatter", none),
+                           {"payload": 4 * psi if W > 1 else 0, "wire": (W - 1) * 4 * psi // W})]
     for name, m, f in (("SimCLR gather (fwd all-gather, bwd all-reduce)", gather, gather_formula(a.batch, 2, a.dim, W)),
                        ("DDP gradient all-reduce", c.get("DDP grads", none), allreduce_formula(4 * psi, W)),
                        ("global BN all-reduces (fwd + bwd)", c.get("global BN", none), allreduce_formula(ddp["bn"], W)),
-                       ("DDP buffer broadcast (every forward)", c.get("DDP buffers", none), bcast)):
+                       ("DDP buffer broadcast (every forward)", c.get("DDP buffers", none), bcast), *fsdp_rows):
         for k in ("payload", "wire"):
             print(f"  {name + ', ' + k:<56} {m[k]:>12,} {f[k]:>12,}  " + (f"{m[k] / f[k]:.3f}" if f[k] else "-"))
     print(f"  {'MB per rank (mean of ranks)':<26}" + "".join(f"{x:>9}" for x in STATES + ("states",)) +

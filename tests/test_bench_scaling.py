@@ -72,6 +72,10 @@ def test_quick_communication_equals_formulas(quick):
         assert c.get("gather fwd", 0) + c.get("gather bwd", 0) == formula["payload"]
         wire = sum(ddp["comm"][s]["wire"] for s in ("gather fwd", "gather bwd")) if W == 2 else 0
         assert wire == formula["wire"]
+        # FSDP2 (fp32): its weights all-gathered in the forward and again in the backward, its gradients
+        # reduce-scattered once; nothing at W=1
+        fc = {k: v["payload"] for k, v in runs["FSDP2"]["comm"].items() if k.startswith("FSDP")}
+        assert fc == ({"FSDP gather": 8 * ddp["psi"], "FSDP red.-scatter": 4 * ddp["psi"]} if W == 2 else {}), (W, fc)
         # every backend communicates the same through the SimCLR gather
         for r in runs.values():
             assert {k: v for k, v in r["comm"].items() if k.startswith("gather")} == \
