@@ -16,6 +16,10 @@ so the forward would compile again at the next step. The compiled forward theref
 context whose float values are 0-d float64 CPU tensors: ctx[name] still works everywhere (arithmetic, math,
 float()), a tensor input is guarded on its dtype and shape only, and nothing recompiles as they change.
 Hooks outside the forward (before_step, on_gradients, after_step) keep the plain floats.
+Integer attributes of the method's modules that change every step (MoCo v2's queue pointer) are likewise
+made dynamic (dynamo's `allow_unspec_int_on_nn_module`): one recompilation when the value first changes, none
+after (otherwise one per step until dynamo's recompile limit, then eager). A Python bool that switches the
+graph (SwAV's prototype freeze ending) recompiles once, as it should.
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ class CompiledMethod:
     def __call__(self, batch, ctx: Optional[StepContext] = None):
         import torch._dynamo
 
-        with torch._dynamo.config.patch(suppress_errors=True):
+        with torch._dynamo.config.patch(suppress_errors=True, allow_unspec_int_on_nn_module=True):
             return self.compiled(batch, tensor_context(ctx))
 
     def __getattr__(self, name):
