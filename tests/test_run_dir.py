@@ -160,16 +160,21 @@ def test_resume_from_an_older_step_of_the_same_run_dir(reused, digits_shards, ex
 
 # ------------------------------------------------------------------------------------------------ 2. pruning
 class _FakeBackend:
-    """Writes an empty checkpoint of either backend's shape (a .pt file or a directory)."""
+    """Writes an empty checkpoint of a backend's shape (a .pt file or a directory), under its name."""
 
     def __init__(self, name):
         self.name = name
+
+    def checkpoint_name(self, step):
+        from pretrain.engine.backends import BACKENDS
+
+        return BACKENDS[self.name].checkpoint_name(step)
 
     def save(self, path, client_state):
         torch.save(client_state, path) if self.name == "ddp" else path.mkdir()
 
 
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed", "fsdp"])
 def test_prune_never_deletes_the_current_runs_checkpoints_for_later_ones(tmp_path, backend):
     """checkpoints/ holds steps 5 and 6 of another run; saving steps 1..3 with keep_last=2 keeps the
     current run's newest two (2, 3) and never touches the later ones. Today's pruning kept the two
