@@ -93,17 +93,19 @@ def test_dcp_checkpoint_round_trip_and_consolidation(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_method_under_fsdp_gives_eager_losses():
-    """train.compile wraps the sharded method (aot_eager here: dynamo's tracing with eager kernels); 3 steps give
-    the eager FSDP run's losses and weights."""
+def test_compile_and_activation_checkpointing_under_fsdp_give_eager_results():
+    """train.compile wraps the sharded method (aot_eager here: dynamo's tracing with eager kernels), and
+    model.grad_checkpointing recomputes each ResNet stage's blocks inside FSDP's units: 3 steps of each give
+    the plain FSDP run's losses and weights (BN statistics included)."""
     runs = []
-    for compile_ in ("false", "aot_eager"):
+    for extra in ([], ["train.compile=aot_eager"], ["model.grad_checkpointing=true"]):
         torch.manual_seed(0)
-        cfg = _cfg(f"train.compile={compile_}")
+        cfg = _cfg(*extra)
         be = create_backend(create_method(cfg), cfg, CPU)
         runs.append([_step(be, s) for s in range(3)] + [_full(be.module)])
-    assert runs[1][:3] == pytest.approx(runs[0][:3], rel=1e-5)
-    assert all(torch.allclose(runs[1][3][k], v, rtol=1e-4, atol=1e-6) for k, v in runs[0][3].items())
+    for other in runs[1:]:
+        assert other[:3] == pytest.approx(runs[0][:3], rel=1e-5)
+        assert all(torch.allclose(other[3][k].float(), v.float(), rtol=1e-4, atol=1e-6) for k, v in runs[0][3].items())
 
 
 class _Boom:
@@ -262,6 +264,42 @@ def test_metadata_unpickler_refuses_dotted_names_into_allowed_modules():
     except pickle.UnpicklingError:
         return
     raise AssertionError(f"unpickled a call to filesystem.os.getcwd: {got!r}")
+
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (self.path.touch, ())   # what torch.load(weights_only=False) of this file runs
+
+
+def _global_call(module: bytes, name: bytes, *args: bytes) -> bytes:
+    """A protocol-4 pickle of module.name(*args) (string arguments)."""
+    out = b"\x80\x04" + b"".join(pickle.SHORT_BINUNICODE + bytes([len(x)]) + x for x in (module, name)) + pickle.STACK_GLOBAL
+    out += pickle.MARK + b"".join(pickle.BINUNICODE + len(a).to_bytes(4, "little") + a for a in args) + pickle.TUPLE
+    return out + pickle.REDUCE + pickle.STOP
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="_MetadataUnpickler allows every function of every "
+                   "torch.distributed.checkpoint.* module: format_utils.torch_save_to_dcp torch.loads any file unsafely")
+def test_metadata_unpickler_refuses_dcp_functions(tmp_path):
+    """Allowing a module prefix allows its functions too: torch_save_to_dcp(path, dir) runs
+    torch.load(path, weights_only=False) on a file the attacker ships beside the metadata."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from pretrain.engine.fsdp import _MetadataUnpickler
+
+    marker, evil = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save(_Touch(marker), evil)
+    payload = _global_call(b"torch.distributed.checkpoint.format_utils", b"torch_save_to_dcp", str(evil).encode(),
+                           str(tmp_path / "out").encode())
+    try:
+        _MetadataUnpickler(io.BytesIO(payload)).load()
+    except (Exception, CheckpointException):   # refused (UnpicklingError), or the gadget failed after running
+        pass
+    assert not marker.exists(), "the metadata unpickler let a checkpoint run torch.load(weights_only=False)"
 
 
 _TWO_RANK_WORKER = r'''
