@@ -386,3 +386,26 @@ def test_bn_statistics_in_a_two_rank_checkpoint_are_rank_0s(two_rank_run):
     sd, _ = FSDPBackend.consolidate(d / "ckpt")
     for k, v in r0["buffers"].items():
         assert torch.equal(sd[k], v.float()), k
+
+
+def test_gradient_accumulation_without_sync_gives_ddps_step():
+    """train.grad_accum=2 (set_requires_gradient_sync(False) on the first micro-batch: unsharded fp32 gradients
+    accumulate locally, reduce-scattered on the last) gives DDP's grad norm and weights for the same micro-batches."""
+    runs = []
+    for backend in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        cfg = _cfg(f"train.backend={backend}", "train.grad_accum=2")
+        be = create_backend(create_method(cfg), cfg, CPU)
+        g = torch.Generator().manual_seed(3)
+        ctx = be.module.step_context(0, 10, 5)
+        be.set_lr(0.01, 0.01, 0.0)
+        for i in range(2):
+            batch = {"views": [torch.randn(2, 4, 3, 16, 16, generator=g)]}
+            with be.accumulate(last=i == 1):
+                be.backward(be.forward(batch, ctx)["loss"])
+        norm = be.step(ctx)
+        runs.append((norm, _full(be.module) if backend == "fsdp" else be.module.state_dict()))
+    (n_ddp, want), (n_fsdp, got) = runs
+    torch.testing.assert_close(n_fsdp, n_ddp, rtol=1e-5, atol=1e-7)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
