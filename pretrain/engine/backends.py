@@ -99,9 +99,12 @@ class Gradients:
             from deepspeed.utils import safe_set_full_grad
 
             safe_set_full_grad(p, value if self.scale == 1.0 else value * self.scale)
-        elif isinstance(p.grad, DTensor):   # `value` is the same on every rank: each keeps its own shard of it
-            p.grad.copy_(distribute_tensor(value.to(p.grad.dtype), p.grad.device_mesh, p.grad.placements,
-                                           src_data_rank=None))
+        elif isinstance(p, DTensor):   # `value` is the same on every rank: each keeps its own shard of it
+            shard = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            if p.grad is None:
+                p.grad = shard
+            else:
+                p.grad.copy_(shard)
         elif p.grad is None:
             p.grad = value.to(p.dtype).clone()
         else:
@@ -146,6 +149,14 @@ def only_training(method, phase: str):
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+def broadcast_buffers(module) -> None:
+    """Every rank on rank 0's buffers (BN statistics), as DDP's `broadcast_buffers` does before each forward:
+    for the backends and phases that have no DDP wrapper to do it."""
+    if comm.world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, 0)
 
 
 def all_reduce_grads(params) -> None:
@@ -305,9 +316,8 @@ class DDPBackend(Backend):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        if not self.ddp and len(self.module.phases) > 1 and comm.initialized():
-            for b in self.module.buffers():   # as DDP does: every rank on rank 0's BN statistics
-                dist.broadcast(b, 0)
+        if not self.ddp and len(self.module.phases) > 1:
+            broadcast_buffers(self.module)
         return norm
 
     def optimizers_(self) -> list:

@@ -250,10 +250,14 @@ class DeepSpeedBackend(Backend):
 
         config = json.loads((path / CONFIG_JSON).read_text())
         if not (path / KEYS_JSON).is_file():   # one engine over the whole method
+            if any(d.is_dir() and not d.name.startswith("global_step") for d in path.iterdir()):
+                raise CheckpointError(f"{path} holds one DeepSpeed engine per optimizer phase but no {KEYS_JSON} "
+                                      f"(written before it existed); resume it with train.backend=deepspeed for one "
+                                      f"more checkpoint, then export that one")
             try:
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
             except (ValueError, FileNotFoundError):  # ZeRO stage 0: weights sit in the model-states file
-                sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+                sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
             return _fp32(sd), config
         sd = {}
         for phase, keys in json.loads((path / KEYS_JSON).read_text()).items():

@@ -4,7 +4,9 @@ the root (the whole method, its heads, teachers and momentum encoders included).
 Every parameter becomes a DTensor sharded on dim 0 over the ranks; a unit's full weights exist only
 during its forward and backward (all-gathered, then freed). Gradients are reduce-scattered (averaged)
 to the shards and the optimizer steps on the shards, so parameters, gradients and optimizer state
-per rank are ~1/W of DDP's. A teacher or momentum encoder is a module of the method, so it is sharded
+per rank are ~1/W of DDP's (with train.grad_accum > 1, full gradients live between micro-batches: see
+`accumulate`). Buffers (BN statistics) are not sharded: every rank gets rank 0's after each step, as
+under DDP. A teacher or momentum encoder is a module of the method, so it is sharded
 by the same rule into the same shapes: its EMA update (pretrain.models.ema) is a shard-by-shard lerp
 with no communication and no gathered copy.
 
@@ -33,14 +35,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from pretrain import comm
 from pretrain.config import ConfigError
-from pretrain.engine.backends import CONFIG_JSON, Backend, Gradients, _cast, _precision, build_optimizers, \
-    single_process_group
+from pretrain.engine.backends import CONFIG_JSON, Backend, Gradients, _cast, _precision, broadcast_buffers, \
+    build_optimizers, single_process_group
 from pretrain.engine.compile import compile_method
 
 #: a checkpoint's client state (step, config, RNG states, data positions, extra state), torch.save by rank 0
@@ -53,6 +56,26 @@ def shard_units(method: nn.Module) -> List[nn.Module]:
     `*_blocks` / `stages` sequence (timm ViT blocks, MAE's decoder blocks, ConvNeXt stages) and every ResNet
     stage `layer<N>`, wherever they sit in the method (student, teacher, momentum encoder)."""
     return [m for name, m in reversed(list(method.named_modules())) if _UNIT.fullmatch(name)]
+
+
+def checkpoint_units(method: nn.Module, units: List[nn.Module]) -> None:
+    """model.grad_checkpointing under FSDP2: each unit's forward recomputed in its backward, inside the unit (as
+    torchtitan does). timm's own checkpointing (`checkpoint_seq` over a model's blocks or stages) is turned off:
+    its recomputation of a sequence spans several units, whose weights FSDP has resharded by then. The
+    backbone's BatchNorm-statistics hook (pretrain.models.backbone) still undoes the recomputation's second
+    update."""
+    for m in method.modules():
+        if getattr(m, "grad_checkpointing", False) is True and hasattr(m, "set_grad_checkpointing"):
+            m.set_grad_checkpointing(False)
+    for unit in units:
+        inner = unit.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():   # teachers, eval: nothing is kept, nothing to recompute
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        unit.forward = forward
 
 
 def check_fsdp(cfg, method) -> None:
@@ -86,7 +109,10 @@ class FSDPBackend(Backend):
         method.to(device)
         reduce = torch.float32 if self.dtype is not None else None
         reshard = bool(cfg.fsdp.reshard_after_forward)
-        for unit in shard_units(method):
+        units = shard_units(method)
+        if cfg.model.grad_checkpointing:
+            checkpoint_units(method, units)
+        for unit in units:
             fully_shard(unit, mp_policy=MixedPrecisionPolicy(self.dtype, reduce), reshard_after_forward=reshard)
         # the root's inputs are cast here (forward), as DeepSpeed's: a method may ask for its inputs as they are
         fully_shard(method, mp_policy=MixedPrecisionPolicy(self.dtype, reduce, cast_forward_inputs=False),
@@ -99,7 +125,10 @@ class FSDPBackend(Backend):
 
     @contextlib.contextmanager
     def accumulate(self, last: bool):
-        # no reduce-scatter on all but the last micro-batch: the unsharded gradients accumulate locally
+        # no reduce-scatter on all but the last micro-batch: the unsharded gradients accumulate locally, so
+        # with train.grad_accum > 1 each rank holds full fp32 gradients (4 psi bytes) between micro-batches,
+        # the communication of one reduce-scatter per step bought with memory (torchtitan reduce-scatters
+        # every micro-batch instead)
         self.module.set_requires_gradient_sync(last)
         try:
             yield
@@ -128,6 +157,7 @@ class FSDPBackend(Backend):
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         opt.step()
         opt.zero_grad(set_to_none=True)
+        broadcast_buffers(self.module)   # FSDP2 leaves buffers per rank: rank 0's BN statistics, as DDP
         return norm
 
     def optimizers_(self) -> list:
@@ -158,7 +188,8 @@ class FSDPBackend(Backend):
         if comm.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         comm.barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
+        # replicated entries (buffers, step counters) written by the lowest rank holding them: rank 0's
+        dcp.save(self._state(), checkpoint_id=str(tmp), planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
         comm.barrier()
         if comm.is_main():
             torch.save(client_state, tmp / CLIENT_PT)
@@ -190,20 +221,27 @@ class FSDPBackend(Backend):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Only the classes a DCP `.metadata` file is made of."""
+    """Only the classes a DCP `.metadata` file is made of, each named exactly: no module-wide allowance (its
+    functions would be reachable) and no dotted name (pickle follows one attribute by attribute)."""
 
     def find_class(self, module, name):
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _SAFE:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        if "." not in name:
+            if (module, name) in _SAFE:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                             torch.memory_format)):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"a DCP checkpoint's metadata names {module}.{name}, which a DCP checkpoint "
                                      f"does not contain; refusing to load it")
 
 
-_SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"), ("collections", "OrderedDict"),
-         ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-         ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+_DCP = "torch.distributed.checkpoint."
+_SAFE = {*((_DCP + "metadata", n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                            "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                            "_MEM_FORMAT_ENCODING")),
+         (_DCP + "filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+         ("torch._utils", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+         ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
 
 class SafeReader(FileSystemReader):
