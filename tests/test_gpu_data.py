@@ -209,22 +209,26 @@ def test_truncated_and_garbage_images_are_skipped_in_the_worker_as_on_the_worker
     assert set(kinds.tolist()) == {0, 3}
 
 
-def test_jpeg_no_decoder_reads_is_dropped_counted_and_logged(tmp_path, caplog):
+def test_jpeg_no_decoder_reads_is_replaced_counted_and_logged(tmp_path, caplog):
     """A JPEG that passes the worker's checks but no decoder reads: the batched call raises for the whole
-    list, the others are decoded one by one, the bad one leaves the batch (labels, masks) and is counted."""
+    list, the others are decoded one by one, the bad one is replaced by the next valid sample of the batch
+    (views, label, masks) so the batch keeps its full size on every rank, and it is counted and logged."""
     good = _photos(7, 24, 48, seed=2)
     sources = _shards(tmp_path, good[:3] + [_not_decodable()] + good[3:], labels=[0, 1, 2, 3, 4, 5, 6, 7])
     aug = MultiViewAugment([SimCLRAugment(16, MEAN, STD, **OFF)] * 2)
     raw, loader = _batches(sources, aug, True, n=1, batch=8, masking=_mask, shuffle_buffer=1)
     b = dict(raw[0])
     assert b["skipped"] == 0     # the worker could not tell
+    labels = raw[0]["label"].tolist()
+    bad = labels.index(3)
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
         views = loader._device_views(b)
-    assert loader.skipped == 1 and "JPEG data the decoder rejects" in caplog.text
-    assert views[0].shape == (2, 7, 3, 16, 16) and b["masks"].shape == (2, 7, 5)
-    keep = [i for i, lab in enumerate(raw[0]["label"].tolist()) if lab != 3]
-    assert sorted(b["label"].tolist()) == [0, 1, 2, 4, 5, 6, 7] and len(keep) == 7
-    assert torch.equal(b["masks"], raw[0]["masks"][:, keep])
+    assert loader.skipped == 1 and "JPEG data the decoder rejects" in caplog.text and "replaced" in caplog.text
+    assert views[0].shape == (2, 8, 3, 16, 16) and b["masks"].shape == (2, 8, 5) and len(b["label"]) == 8
+    src = [i if i != bad else (bad + 1) % 8 for i in range(8)]
+    assert b["label"].tolist() == [labels[i] for i in src]
+    assert torch.equal(b["masks"], raw[0]["masks"][:, src])
+    assert torch.equal(views[0][:, bad], views[0][:, src[bad]])
 
 
 def test_decode_batch_flags_a_size_that_disagrees_with_the_header():

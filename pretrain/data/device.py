@@ -17,9 +17,9 @@ What runs where, per training batch:
 
 A batched decode that raises (torchvision raises for the whole list when one member is bad) is redone one
 image at a time on the device, then on the CPU (libjpeg is more lenient than nvJPEG); an image that none
-of them decodes is dropped from the batch, counted as a skipped sample and logged. That batch is then
-one sample smaller on this rank (its stream position is already fixed); the worker-side checks make
-this rare (a JPEG whose header and end marker are intact but whose data is not).
+of them decodes is replaced by the next decodable sample of the same batch (its views, label and masks;
+`replacements`), counted as a skipped sample and logged, so the batch keeps its size on every rank and
+the stream position (fixed in the worker) is unchanged; the worker-side checks make this rare.
 
 Padding: roi_align takes one [N, C, H, W] tensor, so images of different sizes are placed top-left in a
 [B, 3, H_max, W_max] float tensor; the row and column just past each image repeat its last row and
@@ -129,16 +129,25 @@ def roi_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, si
 
 def device_views(batch: dict, augment, device):
     """A worker's device-path batch ("encoded", "rows", "sizes", "boxes", "flips") -> (per view group
-    [V_g, B', 3, S_g, S_g] uint8 on `device`, the kept sample indices (None: all B), failure messages)."""
+    [V_g, B, 3, S_g, S_g] uint8 on `device`, per position the sample used (None: all decoded), failure
+    messages). Groups None when no sample decodes."""
     items = unpack(batch.pop("encoded"), batch.pop("rows"))
     sizes = batch.pop("sizes").tolist()
     boxes, flips = batch.pop("boxes"), batch.pop("flips")                              # [V, B, 4], [V, B]
     images, errors = decode_batch(items, sizes, device)
-    keep = [i for i, x in enumerate(images) if x is not None]
-    if not keep:
-        return None, keep, errors
-    x = padded([images[i] for i in keep])
-    if len(keep) < len(images):
-        boxes, flips = boxes[:, keep], flips[:, keep]
+    ok = [i for i, x in enumerate(images) if x is not None]
+    if not ok:
+        return None, None, errors
+    src = replacements([x is not None for x in images])
+    x = padded([images[i] for i in src])
+    if src != list(range(len(images))):
+        boxes, flips = boxes[:, src], flips[:, src]
     groups = [roi_crops(x, boxes[idx], flips[idx], augment.augs[idx[0]].size) for idx in augment.groups]
-    return groups, (None if len(keep) == len(images) else keep), errors
+    return groups, (None if len(ok) == len(images) else src), errors
+
+
+def replacements(ok: Sequence[bool]) -> List[int]:
+    """Per batch position the sample it takes: itself where decoded, else the next decoded one (cyclic),
+    so the batch keeps its size (methods gather batch-sized tensors across ranks). Needs one True."""
+    n = len(ok)
+    return [next(j % n for j in range(i, i + n) if ok[j % n]) for i in range(n)]

@@ -436,18 +436,18 @@ class TrainLoader:
 
     def _device_views(self, batch: dict):
         """data.decode_on=device: the batch's uint8 view groups made on the device (device.device_views).
-        A sample no decoder reads is dropped from the batch (labels, masks) and counted as skipped; None
-        when none is left."""
-        views, keep, errors = device_views(batch, self.dataset.augment, self.device)
+        A sample no decoder reads is replaced by the next decoded one of the batch (views, labels, masks),
+        counted as skipped and logged, so the batch keeps its size; None when none decodes."""
+        views, src, errors = device_views(batch, self.dataset.augment, self.device)
         for e in errors:
             self.skipped += 1
             if self.skipped <= 10 or self.skipped % 1000 == 0:
-                log.warning("skipping unreadable data (%d so far): %s; batch %d is one sample smaller",
+                log.warning("skipping unreadable data (%d so far): %s; replaced in batch %d by another of its samples",
                             self.skipped, e, batch["index"])
-        if keep is not None:
-            batch["label"] = batch["label"][keep]
+        if src is not None:
+            batch["label"] = batch["label"][src]
             if "masks" in batch:
-                batch["masks"] = batch["masks"][:, keep]
+                batch["masks"] = batch["masks"][:, src]
         return views
 
     def _account(self, batch: dict, epoch_start: int) -> None:
