@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 import shutil
 
@@ -112,6 +113,32 @@ def test_compile_and_activation_checkpointing_under_fsdp_give_eager_results():
         assert all(torch.allclose(other[3][k].float(), v.float(), rtol=1e-4, atol=1e-6) for k, v in runs[0][3].items())
 
 
+@pytest.mark.slow
+def test_bf16_computes_in_bf16_keeps_fp32_masters_and_tracks_fp32():
+    """train.precision=bf16: the blocks compute with bf16 weights, the sharded parameters (master weights) and
+    their gradients stay fp32, and 3 SGD steps stay near fp32's losses (Adam's first steps
+    are sign-like: bf16 noise in tiny gradients flips them). A ViT: on CPU, oneDNN's
+    bf16 convolution weight gradient intermittently returns NaNs (torch 2.14, reproduced without FSDP on a
+    plain Conv2d), so a ResNet in bf16 on CPU is no test of this backend."""
+    cfg = lambda prec: load_config(None, ["data.train=x", *SMALL_VIT, "method.proj_hidden_dim=32", "method.proj_dim=16",
+                                          "train.backend=fsdp", "optim.name=sgd", "train.global_batch_size=8",
+                                          f"train.precision={prec}"])
+    losses, seen = {}, []
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        be = create_backend(create_method(cfg(prec)), cfg(prec), CPU)
+        be.module.backbone.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, _: seen.append(m.weight.dtype))
+        losses[prec] = [_step(be, s) for s in range(3)]
+    assert seen == [torch.float32] * 3 + [torch.bfloat16] * 3
+    assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+               for p in be.module.parameters())
+    assert all(math.isfinite(x) for x in losses["bf16"])
+    # step 0: rounding only; later steps compound it through the updates (DDP's bf16 autocast drifts as far or
+    # further on these steps: 3.21 vs 2.97 at step 2, where this backend gives 3.08)
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=1e-2), losses
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2), losses
+
+
 class _Boom:
     def __reduce__(self):
         return (print, ("unpickled!",))   # any callable: a real attack would name os.system
@@ -160,8 +187,7 @@ def _run(experiment, shards, run_dir, backend, **kv):
 def test_two_ranks_match_ddp_resume_exactly_reshard_and_export(tmp_path, digits_shards, experiment):
     """SimCLR at W=2: FSDP2's losses are DDP's (fp32, summation-order tolerance); continued from its step-2
     checkpoint it gives bit-identical losses; the step-2 checkpoint loads on 1 rank (DCP re-shards) with
-    the same weights; `pretrain export` writes DDP's backbone. In bf16 (bf16 compute weights, fp32 master and
-    reduce) its first 2 steps stay within bf16 rounding of fp32's losses."""
+    the same weights; `pretrain export` writes DDP's backbone."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _run(experiment, digits_shards, ddp, "ddp")
     _run(experiment, digits_shards, fsdp, "fsdp")
@@ -177,9 +203,6 @@ def test_two_ranks_match_ddp_resume_exactly_reshard_and_export(tmp_path, digits_
     again = tb_scalars(resumed)
     assert sorted(again) == [3, 4] and all(again[s] == got[s] for s in again), (again, got)
 
-    _run(experiment, digits_shards, tmp_path / "bf16", "fsdp", train__max_steps=2, train__precision="bf16")
-    bf16 = tb_scalars(tmp_path / "bf16")
-    assert sorted(bf16) == [1, 2] and all(bf16[s] == pytest.approx(got[s], rel=2e-2) for s in bf16), (bf16, got)
 
     for run in (ddp, fsdp):
         cli("export", run, "--out", tmp_path / f"{run.name}.safetensors", check=True)
