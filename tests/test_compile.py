@@ -78,15 +78,19 @@ class _Tempered(Method):
         return {"loss": torch.logsumexp(z / ctx["temp"], 1).mean()}
 
 
-def test_changing_schedule_values_do_not_recompile():
-    """ctx["temp"] and ctx["lr"] differ at every step; compiled once, the graph is reused (a plain float in
-    the context would be guarded on its value: a new graph every step), and it matches eager."""
+def _tempered_pair(backend: str):
+    """(eager _Tempered, its copy, the copy compiled with `backend`, a batch), from a fresh dynamo cache."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = _Tempered(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
     model = copy.deepcopy(eager)
-    compiled = CompiledMethod(model, "aot_eager", "tempered")
-    batch = {"x": torch.randn(5, 8)}
+    return eager, model, CompiledMethod(model, backend, "tempered"), {"x": torch.randn(5, 8)}
+
+
+def test_changing_schedule_values_do_not_recompile():
+    """ctx["temp"] and ctx["lr"] differ at every step; compiled once, the graph is reused (a plain float in
+    the context would be guarded on its value: a new graph every step), and it matches eager."""
+    eager, model, compiled, batch = _tempered_pair("aot_eager")
     temps = []
     for step in range(4):
         outs = [_step(m, call, batch, m.step_context(step, 4, 1, lr=1.0 / (step + 1)))
@@ -101,12 +105,7 @@ def test_changing_schedule_values_do_not_recompile():
 def test_backend_failure_falls_back_to_eager_with_one_warning(caplog):
     """A backend that cannot compile the graph (torch's test backend that fails on relu): one warning line
     naming the method and the error, the forward runs eagerly with eager's results, and later steps too."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager = _Tempered(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
-    model = copy.deepcopy(eager)
-    compiled = CompiledMethod(model, "relu_compile_error_TESTING_ONLY", "tempered")
-    batch = {"x": torch.randn(5, 8)}
+    eager, model, compiled, batch = _tempered_pair("relu_compile_error_TESTING_ONLY")
     with caplog.at_level(logging.WARNING, logger="pretrain.engine.compile"):
         for step in range(2):
             (la, ga), (lb, gb) = [_step(m, call, batch, m.step_context(step, 4, 1))

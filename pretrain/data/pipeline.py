@@ -123,6 +123,12 @@ def split_shards(urls: List[str], rank: int, world: int, worker: int, num_worker
 
 # ------------------------------------------------------------------------------------------------
 # reading and decoding
+def log_skip(count: int, what: str) -> None:
+    """The warning for the `count`-th skipped sample or shard: the first 10, then every 1000th."""
+    if count <= 10 or count % 1000 == 0:
+        log.warning("skipping unreadable data (%d so far): %s", count, what)
+
+
 class SkipCounter:
     """Counts corrupt samples/tars; the handler webdataset calls on read errors.
 
@@ -140,8 +146,7 @@ class SkipCounter:
             return True
         self.count += 1
         self.streak += 1
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning("skipping unreadable data (%d so far): %s", self.count, str(exn)[:300])
+        log_skip(self.count, str(exn)[:300])
         if self.streak > self.max_streak:
             raise DataError(f"{self.max_streak} unreadable samples or shards in a row (last: {str(exn)[:200]}); "
                             f"the shards look corrupt: rewrite them with `pretrain shards`")
@@ -441,9 +446,7 @@ class TrainLoader:
         views, src, errors = device_views(batch, self.dataset.augment, self.device)
         for e in errors:
             self.skipped += 1
-            if self.skipped <= 10 or self.skipped % 1000 == 0:
-                log.warning("skipping unreadable data (%d so far): %s; replaced in batch %d by another of its samples",
-                            self.skipped, e, batch["index"])
+            log_skip(self.skipped, f"{e}; replaced in batch {batch['index']} by another of its samples")
         if src is not None:
             batch["label"] = batch["label"][src]
             if "masks" in batch:

@@ -222,6 +222,14 @@ class Backend:
         """The method to run evaluation forwards on, outside the training wrapper."""
         return self.module
 
+    def _plain_copy(self):
+        """A fresh plain (unwrapped, unsharded, fp32) method of this run's config on the device, for an eval copy
+        to load full weights into; building it does not move the training RNG."""
+        from pretrain.methods import create_method
+
+        with torch.random.fork_rng(devices=[]):
+            return create_method(self.cfg, warm_start=False).to(self.device)
+
     # ---- checkpoints -----------------------------------------------------------------------------
     @classmethod
     def checkpoint_name(cls, step: int) -> str:

@@ -184,10 +184,7 @@ class DeepSpeedBackend(Backend):
             return self.module
         import deepspeed
 
-        from pretrain.methods import create_method
-
-        with torch.random.fork_rng(devices=[]):   # building the copy must not move the training RNG
-            copy = create_method(self.cfg, warm_start=False).to(self.device)
+        copy = self._plain_copy()
         gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None) \
             if self._stage3() else contextlib.nullcontext()
         with gather:

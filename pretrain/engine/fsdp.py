@@ -167,11 +167,8 @@ class FSDPBackend(Backend):
         """A plain copy of the method with the full weights (all-gathered on every rank together: a collective)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from pretrain.methods import create_method
-
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
-        with torch.random.fork_rng(devices=[]):   # building the copy must not move the training RNG
-            copy = create_method(self.cfg, warm_start=False).to(self.device)
+        copy = self._plain_copy()
         copy.load_state_dict(full)
         return copy
 

@@ -30,11 +30,14 @@ def setup_text_log(run_dir: Path, rank: int) -> None:
 
 
 @torch.no_grad()
-def attention_image(method, cfg, logger, run_dir: Path, step: int) -> None:
+def attention_image(backend, cfg, logger, run_dir: Path, step: int, is_main: bool) -> None:
     """ViT backbones (log.attention_every_steps): the last-layer CLS attention per head of the first
     log.attention_n images of data.val (else data.train), drawn as `pretrain attention` draws it
-    (pretrain/evaluation/attention.py), to TensorBoard, W&B and run_dir/attention/step_N.png. Rank 0 only;
-    `method` is the eval copy (backend.eval_module(), which every rank builds)."""
+    (pretrain/evaluation/attention.py), to TensorBoard, W&B and run_dir/attention/step_N.png. Every rank takes
+    part in building the eval copy (a collective under ZeRO-3 and FSDP2), as for sample grids; rank 0 draws."""
+    method = backend.eval_module()
+    if not is_main:
+        return
     from pretrain.data import eval_loader
     from pretrain.evaluation.attention import attention_grid
     from pretrain.evaluation.generative import save_grid, to_signed

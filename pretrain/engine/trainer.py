@@ -271,9 +271,7 @@ def _loop(cfg, env, p, method, backend, ckpt, data, start, run_dir, preempt, wat
             t_last = time.perf_counter()
         if cfg.log.attention_every_steps and (done % cfg.log.attention_every_steps == 0 or done == p["total"]):
             watch.mark(step, "eval")
-            eval_copy = backend.eval_module()    # every rank: a collective under ZeRO-3
-            if env.is_main:
-                attention_image(eval_copy, cfg, logger, run_dir, done)
+            attention_image(backend, cfg, logger, run_dir, done, env.is_main)
             t_last = time.perf_counter()
         if monitor and ((cfg.eval.knn_every_steps and done % cfg.eval.knn_every_steps == 0) or done == p["total"]
                         or (monitor_epochs and done % monitor_epochs == 0)):
