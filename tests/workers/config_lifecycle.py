@@ -5,6 +5,7 @@ entry point, in one process (one interpreter start for every config). Writes a J
 argv: SHARDS OUT_DIR CONFIG [CONFIG ...]
 """
 import json
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -36,6 +37,7 @@ for config in sys.argv[3:]:
         r["log"] = (run / "log.txt").read_text()
         r["export_rc"] = main(["export", str(run), "--out", str(run / "backbone.safetensors")])
         r["exported"] = str(run / "backbone.safetensors")
+        shutil.rmtree(run / "checkpoints")   # 3 checkpoints x 17 configs: ~3 GB of disk otherwise
     except BaseException:   # noqa: BLE001  (recorded for the test to show)
         r["error"] = traceback.format_exc()
     report[name] = r
