@@ -2,7 +2,7 @@
 `sample` hook for grids and metrics, and an optional exact/bound `bits_per_dim` on held-out images."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,8 @@ class GenerativeMethod(Method):
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None, **kwargs) -> torch.Tensor:
-        """n images [n, 3, S, S] in [-1, 1], reproducible given `generator`."""
+        """n images [n, 3, S, S] in [-1, 1], reproducible given `generator`: one torch.Generator, or a list of n
+        (one per sample, `sample_generators`), so that sample i is the same whatever batch it is drawn in."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -38,8 +39,41 @@ class GenerativeMethod(Method):
         return next(self.parameters()).device
 
 
-def randn(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """Normal noise, from `generator` (on its own device, then moved) when one is given."""
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> List[torch.Generator]:
+    """One CPU generator per sample index: sample i's noise depends on (seed, i) only, so any split of the
+    indices over ranks and batches draws the same sample i (sharded evaluation; `pretrain sample`)."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+def _draw(fn, shape, generator: Generators, device, **kw) -> torch.Tensor:
     if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device, dtype)
+        return fn(shape, device=device, **kw)
+    if isinstance(generator, torch.Generator):
+        return fn(shape, generator=generator, device=generator.device, **kw).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} per-sample generators for {shape[0]} samples")
+    return torch.stack([fn(tuple(shape[1:]), generator=g, device=g.device, **kw) for g in generator]).to(device)
+
+
+def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    """Normal noise [shape] on `device`: from `generator` (on its own device, then moved) when one is given;
+    from generator[i] for row i when it is a list of per-sample generators (`sample_generators`)."""
+    return _draw(torch.randn, shape, generator, device).to(dtype)
+
+
+def rand(shape, generator: Generators, device) -> torch.Tensor:
+    """Uniform [0, 1) noise, drawn as `randn` draws its normal noise."""
+    return _draw(torch.rand, shape, generator, device)
+
+
+def multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One draw per row of probs [n, K] -> [n] (CPU); with per-sample generators, row i from generator[i]
+    when probs has one row per sample, or a block of rows per sample (probs [n * k, K])."""
+    probs = probs.cpu()
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).view(-1)
+    per = probs.shape[0] // len(generator)
+    return torch.cat([torch.multinomial(p, 1, generator=g).view(-1) for p, g in zip(probs.split(per), generator)])

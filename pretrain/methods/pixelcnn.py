@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.losses.likelihood import logistic_mixture_log_prob, to_levels
-from pretrain.methods.generative import GenerativeMethod
+from pretrain.methods.generative import GenerativeMethod, multinomial, rand
 from pretrain.methods.registry import METHODS
 from pretrain.models.generative import GatedPixelCNN
 from pretrain.params import choice, integer
@@ -61,14 +61,14 @@ class PixelCNN(GenerativeMethod):
                 out = self.net(x)[:, :, :, i, j].float()                       # [n, 3, K]
                 if self.output == "softmax":
                     probs = out.softmax(-1).flatten(0, 1).cpu()
-                    k = torch.multinomial(probs, 1, generator=generator).view(n, 3)
+                    k = multinomial(probs, generator).view(n, 3)
                     x[:, :, i, j] = (k.to(dev).float() / 127.5 - 1)
                 else:
                     logit_pi, mean, log_scale = out.chunk(3, dim=-1)           # [n, 3, M]
-                    u = torch.rand(*logit_pi.shape, generator=generator).to(dev)
+                    u = rand(logit_pi.shape, generator, dev)
                     comp = (logit_pi - torch.log(-torch.log(u.clamp(1e-5, 1 - 1e-5)))).argmax(-1, keepdim=True)
                     m, ls = mean.gather(-1, comp).squeeze(-1), log_scale.gather(-1, comp).squeeze(-1)
-                    v = torch.rand(m.shape, generator=generator).to(dev).clamp(1e-5, 1 - 1e-5)
+                    v = rand(m.shape, generator, dev).clamp(1e-5, 1 - 1e-5)
                     val = m + torch.exp(ls) * (torch.log(v) - torch.log1p(-v))
                     x[:, :, i, j] = ((val.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
         return x
