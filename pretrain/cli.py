@@ -49,7 +49,7 @@ def cmd_export(a):
     from pretrain.export import export
 
     out = export(a.run_dir, a.out, a.which)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    print(f"wrote {out}" if a.which == "autoencoder" else f"wrote {out} and {out.with_suffix('.json')}")
 
 
 def cmd_finetune(a):
@@ -93,61 +93,117 @@ def _generative(path):
 
 
 def cmd_sample(a):
-    import torch
-
     from pretrain.evaluation.generative import save_grid
+    from pretrain.methods.generative import sample_generators
 
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
     method, cfg, step = _generative(a.run_dir)
-    images = method.sample(a.n, generator=torch.Generator().manual_seed(a.seed), steps=a.steps, sampler=a.sampler)
+    guide = {k: v for k, v in (("cfg", a.cfg), ("classes", a.cls)) if v is not None}
+    if guide and not hasattr(method, "guided"):
+        raise ValueError(f"--cfg/--class need a class-conditional ddpm or flow run; this is {cfg.method.name}")
+    images = method.sample(a.n, generator=sample_generators(a.seed, range(a.n)), steps=a.steps, sampler=a.sampler,
+                           **guide)
     save_grid(images, a.out)
     print(f"wrote {a.n} samples of {cfg.method.name} (step {step}, seed {a.seed}) to {a.out}")
 
 
 def cmd_eval_gen(a):
-    """bits/dim on --val (likelihood models) next to a per-pixel histogram fit on --train, and the
-    Frechet distance in --features space between --val and samples, and between --val and noise."""
+    """Generative metrics of a run, one JSON line: bits/dim on --val (likelihood models) next to a per-pixel histogram
+    fit on --train; with --inception PATH, Inception-FID and Inception Score (and P/R in Inception features); with
+    --features PATH..., Frechet distance, precision and recall in each exported backbone's features, with noise and
+    --train as baselines. Under torchrun, sample i (drawn from (--seed, i)) and the feature extraction of samples and
+    real images are split over ranks and gathered, so any world size gives the same set; rank 0 prints."""
     import torch
+    import torch.nn.functional as F
 
     from pretrain.data import eval_loader
+    from pretrain.dist import cleanup, env_from, init_distributed
     from pretrain.evaluation import extract_features
-    from pretrain.evaluation.generative import frechet_distance, histogram_bits_per_dim, to_signed, to_uint8
+    from pretrain.evaluation import fidelity as fi
+    from pretrain.evaluation.generative import frechet_distance, histogram_bits_per_dim, to_signed
+    from pretrain.methods.generative import sample_generators
 
     if not a.run:
-        raise ValueError("pretrain eval gen needs --run RUN_DIR (a vae, gan, pixelcnn or ddpm run)")
-    method, cfg, step = _generative(a.run)
-    size = cfg.data.image_size
+        raise ValueError("pretrain eval gen needs --run RUN_DIR (a vae, gan, pixelcnn, ddpm or flow run)")
+    metrics = set(a.metrics or ["bpd"] + ["fid", "is"] * bool(a.inception) + ["fd", "pr"] * bool(a.features))
+    if {"fid", "is"} & metrics and not a.inception:
+        raise ValueError(fi.missing_inception_error())
+    if {"fd", "pr"} & metrics and not (a.features or a.inception):
+        raise ValueError("--metrics fd/pr need a feature space: --features EXPORTED.safetensors and/or --inception PATH")
+    env = env_from()
+    device = init_distributed(env, backend="gloo")   # features travel between ranks on the CPU
+    try:
+        inception = fi.load_inception(a.inception, device) if a.inception else None
+        method, cfg, step = _generative(a.run)
+        method.to(device)
+        guide = {k: v for k, v in (("cfg", a.cfg), ("classes", a.cls)) if v is not None}
+        if guide and not hasattr(method, "guided"):
+            raise ValueError(f"--cfg/--class need a class-conditional ddpm or flow run; this is {cfg.method.name}")
+        size, r, W = cfg.data.image_size, env.rank, env.world_size
 
-    def images(spec, key):
-        loader = eval_loader(spec, a.batch_size, size, a.workers, key=key, max_samples=a.max_samples)
-        return torch.cat([b["image"] for b in loader])
+        def images(spec, key):
+            loader = eval_loader(spec, a.batch_size, size, a.workers, key=key, max_samples=a.max_samples)
+            return torch.cat([b["image"] for b in loader])
 
-    train, val = images(a.train, "--train"), images(a.val, "--val")
-    g = torch.Generator().manual_seed(a.seed)
-    out = {"eval": "gen", "run": str(a.run), "method": cfg.method.name, "step": step, "val": len(val)}
-    bpd = [method.bits_per_dim(to_signed(x), generator=g) for x in val.split(a.batch_size)]
-    if bpd[0] is not None:   # None: a model without a likelihood (GAN)
-        out.update(bits_per_dim=round(torch.cat(bpd).mean().item(), 4),
-                   histogram_bits_per_dim=round(histogram_bits_per_dim(train, val), 4))
-    if a.features:
-        from pretrain.export import load_backbone
-
-        backbone, meta = load_backbone(a.features)
-        backbone.eval()
-        feats = lambda u8: extract_features(torch.no_grad()(backbone), [{"image": b, "label": torch.zeros(len(b))}  # noqa: E731
-                                                                        for b in u8.split(a.batch_size)],
-                                            torch.device("cpu"), meta["mean"], meta["std"])[0]
+        train, val = images(a.train, "--train"), images(a.val, "--val")
         n = a.n or len(val)
-        samples = torch.cat([to_uint8(method.sample(min(a.batch_size, n - i), generator=g, steps=a.steps, sampler=a.sampler))
-                             for i in range(0, n, a.batch_size)])
-        noise = torch.randint(0, 256, samples.shape, generator=g, dtype=torch.uint8)
-        real = feats(val)
-        out.update(frechet_samples=round(frechet_distance(real, feats(samples)), 3),
-                   frechet_noise=round(frechet_distance(real, feats(noise)), 3),
-                   frechet_train=round(frechet_distance(real, feats(train)), 3), samples=n, features=a.features)
-    print(json.dumps(out))
+        if min(n, len(val)) < W:
+            raise ValueError(f"{min(n, len(val))} images for {W} ranks; raise --n / --max-samples or use fewer ranks")
+        out = {"eval": "gen", "run": str(a.run), "method": cfg.method.name, "step": step, "val": len(val), "samples": n,
+               "seed": a.seed, "ranks": W}
+        if "bpd" in metrics and env.is_main:
+            g = torch.Generator().manual_seed(a.seed)
+            bpd = [method.bits_per_dim(to_signed(x).to(device), generator=g) for x in val.split(a.batch_size)]
+            if bpd[0] is not None:   # None: a model without a likelihood (GAN)
+                out.update(bits_per_dim=round(torch.cat(bpd).mean().item(), 4),
+                           histogram_bits_per_dim=round(histogram_bits_per_dim(train, val), 4))
+        if not metrics - {"bpd"}:
+            if env.is_main:
+                print(json.dumps(out))
+            return
+        mine = fi.shard(n, r, W)
+        samples = fi.generate(method, mine, a.seed, a.batch_size, steps=a.steps, sampler=a.sampler, **guide)
+        out["samples_sha256"] = fi.sample_digests(samples, n)
+        run = lambda fn, x, m: fi.extract(fn, x.to(device), m, a.batch_size)   # noqa: E731
+        if inception is not None:
+            (rp, _), (sp, sl) = run(inception, val[r::W], len(val)), run(inception, samples, n)
+            out["inception"] = {"weights": str(a.inception), "standard": inception.standard}
+            if "fid" in metrics:
+                out["fid"] = round(frechet_distance(rp, sp), 4)
+            if "is" in metrics:
+                out["inception_score"], out["inception_score_std"] = (round(v, 4) for v in fi.inception_score(sl))
+            if "pr" in metrics:
+                out["inception"].update(zip(("precision", "recall"), (round(v, 4) for v in fi.precision_recall(rp, sp))))
+        for path in a.features or []:
+            from pretrain.export import load_backbone
 
+            backbone, meta = load_backbone(path)
+            backbone.eval().to(device)
+            side = meta["input_size"][-1]
+            fit = lambda x: x if x.shape[-1] == side else F.interpolate(x, size=(side, side), mode="bilinear",  # noqa: E731
+                                                                         antialias=True, align_corners=False)
+            fn = lambda u8: extract_features(torch.no_grad()(lambda x: backbone(fit(x))),  # noqa: E731
+                                             [{"image": u8, "label": torch.zeros(len(u8))}], device,
+                                             meta["mean"], meta["std"])[0]
+            noise = torch.stack([torch.randint(0, 256, samples.shape[1:], generator=g, dtype=torch.uint8)
+                                 for g in sample_generators(a.seed, mine)])   # a baseline, as many as the samples
+            (real,), (fake,) = run(fn, val[r::W], len(val)), run(fn, samples, n)
+            res = {}
+            if "fd" in metrics:
+                res.update(fd=round(frechet_distance(real, fake), 4),
+                           fd_noise=round(frechet_distance(real, run(fn, noise, n)[0]), 4),
+                           fd_train=round(frechet_distance(real, run(fn, train[r::W], len(train))[0]), 4))
+            if "pr" in metrics:
+                res.update(zip(("precision", "recall"), (round(v, 4) for v in fi.precision_recall(real, fake))))
+            out.setdefault("backbones", {})[str(path)] = res
+        if a.features and len(a.features) == 1 and "fd" in metrics:   # the keys of one --features, as before
+            res = out["backbones"][str(a.features[0])]
+            out.update(frechet_samples=res["fd"], frechet_noise=res["fd_noise"], frechet_train=res["fd_train"])
+        if env.is_main:
+            print(json.dumps(out))
+    finally:
+        cleanup()
 
 def _features(a, spec, key):
     import torch
@@ -288,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the trained backbone as safetensors + JSON")
     e.add_argument("run_dir", help="run dir (newest checkpoint) or a checkpoint")
     e.add_argument("--out", required=True)
-    e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo, BYOL: query, the default, or key; DINO, iBOT: teacher, the default, or student)")
+    e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo, BYOL: query, the default, or key; DINO, iBOT: teacher, the default, or student); vae: `autoencoder` writes the whole VAE for latent diffusion (method.autoencoder)")
     e.set_defaults(fn=cmd_export)
 
     f = sub.add_parser("finetune", help="fine-tune an exported backbone on labelled shards (also under torchrun)",
@@ -310,10 +366,20 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*", help="all --finetune: key=value overrides of the fine-tuning config")
     v.add_argument("--run", help="gen: the generative run dir; knn/linear: evaluate the method's own features "
                                  "(e.g. CPC's patch-grid average) from this run's newest checkpoint")
-    v.add_argument("--features", help="gen: exported backbone whose features the Frechet distance uses")
-    v.add_argument("--n", type=int, default=0, help="gen: samples for the Frechet distance (default: as many as --val)")
-    v.add_argument("--steps", type=int, default=None, help="gen: sampler steps (DDPM/DDIM)")
-    v.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    v.add_argument("--features", nargs="+", default=None, metavar="PATH",
+                   help="gen: exported backbone(s) (`pretrain export`; e.g. a DINOv2 ViT: FD-DINOv2) in whose features "
+                        "the Frechet distance, precision and recall are computed, one result each")
+    v.add_argument("--inception", default=None, metavar="PATH",
+                   help="gen: local Inception-v3 weights for FID and Inception Score: torch-fidelity's "
+                        "weights-inception-2015-12-05-6726825d.pth (paper FID), or torchvision's as .safetensors")
+    v.add_argument("--metrics", nargs="+", choices=["bpd", "fid", "is", "fd", "pr"], default=None,
+                   help="gen: which metrics (default: bpd, fid and is with --inception, fd and pr with --features)")
+    v.add_argument("--n", type=int, default=0, help="gen: samples drawn (default: as many as --val; papers: 50000)")
+    v.add_argument("--steps", type=int, default=None, help="gen: sampler steps (DDPM/DDIM, flow)")
+    v.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default=None,
+                   help="gen: ddpm: ddpm|ddim, flow: euler|heun (default: method.sampler)")
+    v.add_argument("--cfg", type=float, default=None, help="gen: classifier-free guidance scale (class-conditional runs)")
+    v.add_argument("--class", dest="cls", type=int, default=None, help="gen: draw this class only (class-conditional runs)")
     v.add_argument("--backbone", help="exported .safetensors")
     v.add_argument("--model", help="timm name: evaluate a random-init backbone instead")
     v.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"zero_init_last": false}\'')
@@ -342,7 +408,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="PNG path")
     m.add_argument("--seed", type=int, default=0, help="same seed, same images")
     m.add_argument("--steps", type=int, default=None, help="DDPM/DDIM steps (default: method.sample_steps)")
-    m.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="DDPM: default method.sampler")
+    m.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default=None,
+                   help="ddpm: ddpm|ddim, flow: euler|heun (default: method.sampler)")
+    m.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale of a class-conditional ddpm/flow run (default: method.guidance)")
+    m.add_argument("--class", dest="cls", type=int, default=None,
+                   help="the class to draw (class-conditional runs; default: every class in turn)")
     m.set_defaults(fn=cmd_sample)
 
     at = sub.add_parser("attention", help="draw a ViT's last-layer CLS attention per head for a few images (docs/attention.md)")

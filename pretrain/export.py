@@ -41,6 +41,8 @@ def export(path, out, which: str = "default") -> Path:
     `out` with .json (timm name, kwargs, input size, mean/std). Loads with
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=K)`."""
     method, cfg, step = load_method(path)
+    if which == "autoencoder":
+        return _export_autoencoder(method, cfg, step, Path(out))
     if method.backbone is not None and not method.timm_backbone:
         raise ValueError(f"{cfg.method.name} trained no timm backbone (method.discriminator={cfg.method.get('discriminator')}): "
                          f"there is nothing `pretrain export` can write for timm; train with method.discriminator=timm")
@@ -54,6 +56,21 @@ def export(path, out, which: str = "default") -> Path:
     with atomic_path(out) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "pretrain": json.dumps(meta)})
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=1))
+    return out
+
+
+def _export_autoencoder(method, cfg, step: int, out: Path) -> Path:
+    """A VAE as the frozen autoencoder of latent diffusion (method.autoencoder): every weight, and the run
+    config in the safetensors metadata (pretrain.methods.vae.load_autoencoder reads it back)."""
+    from pretrain.config import to_dict
+
+    if not hasattr(method, "encode"):
+        raise ValueError(f"--which autoencoder exports a vae run's encoder and decoder; this is a {cfg.method.name} run")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    meta = {"method": cfg.method.name, "which": "autoencoder", "step": step, "latent_dim": method.latent_dim,
+            "config": to_dict(cfg)}
+    with atomic_path(out) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "pretrain": json.dumps(meta)})
     return out
 
 

@@ -35,9 +35,11 @@ def create_method(cfg, warm_start: bool = True) -> Method:
     cls = METHODS.get(cfg.method.name)
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     validate(cls, kwargs)   # before anything is built: a bad method.* value fails at once
-    backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem,
-                               cfg.model.get("pretrained_file") if warm_start else None,
-                               bool(cfg.model.get("grad_checkpointing", False)))
+    backbone = None
+    if cls.uses_backbone({**cls.defaults, **kwargs}):
+        backbone = create_backbone(cfg.model.name, dict(cfg.model.kwargs), cfg.model.cifar_stem,
+                                   cfg.model.get("pretrained_file") if warm_start else None,
+                                   bool(cfg.model.get("grad_checkpointing", False)))
     if "image_size" in inspect.signature(cls.__init__).parameters:
         kwargs["image_size"] = cfg.data.image_size
     mean_std = getattr(cls, "pixel_mean_std", None)
@@ -47,7 +49,8 @@ def create_method(cfg, warm_start: bool = True) -> Method:
     scheduled = {k: Schedule.parse(kwargs.pop(k)) for k in cls.scheduled if k in kwargs}   # read through ctx only
     method = cls(backbone, **kwargs)
     method.schedules.update(scheduled)
-    check_input_size(backbone, method.backbone_input_size(cfg.data.image_size), cfg.model.name)
+    if backbone is not None:
+        check_input_size(backbone, method.backbone_input_size(cfg.data.image_size), cfg.model.name)
     return method
 
 

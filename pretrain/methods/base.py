@@ -114,7 +114,13 @@ class Method(nn.Module):
     #: MONITORS): "knn" (kNN top-1 of `features`) or "top1" (the top-1 of a classifier's `logits(images)`: finetune)
     monitor: str = "knn"
 
-    def __init__(self, backbone: nn.Module):
+    @classmethod
+    def uses_backbone(cls, kwargs: Dict) -> bool:
+        """Whether create_method builds a timm backbone for these `method.*` values (all keys present). Pixel-space
+        generative models (ddpm, flow, pixelcnn, a GAN with the DCGAN discriminator) build none: they get None."""
+        return True
+
+    def __init__(self, backbone: Optional[nn.Module]):
         super().__init__()
         self.backbone = backbone
         #: key -> Schedule for each `scheduled` key: the defaults here, the config's values from create_method

@@ -1,5 +1,6 @@
-"""DDPM (Ho et al. 2020) with a UNet, linear or cosine noise schedule (Nichol & Dhariwal 2021), eps- or
-v-prediction, an EMA of the weights, and DDPM (ancestral) and DDIM (Song et al. 2021) samplers.
+"""DDPM (Ho et al. 2020) with a UNet or a DiT (pretrain/methods/denoising.py: class conditioning, classifier-free
+guidance, latent space), linear or cosine noise schedule (Nichol & Dhariwal 2021), eps- or v-prediction, an EMA
+of the weights, and DDPM (ancestral) and DDIM (Song et al. 2021) samplers.
 
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,      t ~ U{1..T}
     loss = |eps - eps_hat(x_t, t)|^2         or   |v - v_hat|^2,  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
@@ -9,17 +10,16 @@ over `bound_samples` strata of timesteps, or exactly when bound_samples >= T - 1
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from pretrain.data.views import IDENTITY
 from pretrain.losses.likelihood import discretized_log_prob
-from pretrain.methods.generative import GenerativeMethod, randn
+from pretrain.methods.denoising import DENOISING_CHECKS, DENOISING_DEFAULTS, DenoisingMethod
+from pretrain.methods.generative import randn
 from pretrain.methods.registry import METHODS
-from pretrain.models.ema import EMA, momentum_copy
-from pretrain.models.generative import UNet
-from pretrain.params import choice, fraction, integer, integers
+from pretrain.params import choice, integer
 
 
 def betas_for(schedule: str, T: int) -> torch.Tensor:
@@ -41,28 +41,19 @@ def posterior(x_t, x0, abar_t, abar_prev):
 
 
 @METHODS.register("ddpm")
-class DDPM(GenerativeMethod):
-    #: Ho et al. 2020, appendix B: random horizontal flips on CIFAR-10 ("flips improve sample quality slightly")
-    views = (IDENTITY.replace(flip_p=0.5),)
-    defaults = {"timesteps": 1000, "schedule": "cosine", "prediction": "eps", "base_channels": 64,
-                "channel_mults": [1, 2, 2], "blocks": 2, "ema_decay": 0.999, "sample_steps": 50,
-                "sampler": "ddim", "bound_samples": 32}
-    checks = {"timesteps": integer(2), "schedule": choice("linear", "cosine"), "prediction": choice("eps", "v"),
-              "base_channels": integer(1), "channel_mults": integers(1), "blocks": integer(1), "ema_decay": fraction(),
-              "sample_steps": integer(1), "sampler": choice("ddpm", "ddim"), "bound_samples": integer(1)}
-    casts_inputs = True   # the UNet casts x_t and its timestep embedding: the data stay fp32 for the noising
+class DDPM(DenoisingMethod):
+    defaults = {**DENOISING_DEFAULTS, "timesteps": 1000, "schedule": "cosine", "prediction": "eps",
+                "ema_decay": 0.999, "sample_steps": 50, "sampler": "ddim", "bound_samples": 32}
+    checks = {**DENOISING_CHECKS, "timesteps": integer(2), "schedule": choice("linear", "cosine"),
+              "prediction": choice("eps", "v"), "sample_steps": integer(1), "sampler": choice("ddpm", "ddim"),
+              "bound_samples": integer(1)}
 
-    def __init__(self, backbone: nn.Module, timesteps=1000, schedule="cosine", prediction="eps", base_channels=64,
-                 channel_mults=(1, 2, 2), blocks=2, ema_decay=0.999, sample_steps=50, sampler="ddim",
-                 bound_samples=32, image_size=32):
-        super().__init__(backbone, image_size)
-        self.backbone = None   # a pixel-space model: no timm backbone to train or export
+    def __init__(self, backbone: Optional[nn.Module], timesteps=1000, schedule="cosine", prediction="eps",
+                 sample_steps=50, sampler="ddim", bound_samples=32, image_size=32, **denoising):
+        super().__init__(backbone, image_size, **denoising)
         self.check_sampler(sampler, sample_steps, timesteps)
-        self.T, self.prediction, self.ema_decay = timesteps, prediction, ema_decay
+        self.T, self.prediction = timesteps, prediction
         self.sample_steps, self.sampler, self.bound_samples = sample_steps, sampler, bound_samples
-        self.unet = UNet(image_size, 3, base_channels, tuple(channel_mults), blocks)
-        self.unet_ema = momentum_copy(self.unet)
-        self.ema = EMA(self.unet_ema, self.unet, copy_buffers=True)
         b = betas_for(schedule, timesteps)
         abar = torch.cumprod(1 - b, 0)
         # A function of the config, not state, and not a buffer: a module-wide cast (DeepSpeed's bf16/fp16
@@ -90,54 +81,55 @@ class DDPM(GenerativeMethod):
         """schedule(name) at timesteps t [B], fp32, shaped [B, 1, ...] to broadcast over x [B, ...]."""
         return self.schedule(name, t.device)[t].view(-1, *[1] * (x.dim() - 1))
 
-    def predict_eps_x0(self, net, x_t, t):
-        """The network's prediction as fp32 (eps_hat, x0_hat), whatever it was trained to predict. x0_hat is
-        clamped to [-1, 1] and eps_hat recomputed from the clamped x0_hat, eps = (x_t - sqrt(abar) x0) /
-        sqrt(1 - abar), as in the DDIM and improved-diffusion code (`_predict_eps_from_xstart`): the pair
-        stays on the line x_t = sqrt(abar) x0 + sqrt(1 - abar) eps that a DDIM step follows."""
-        out = net(x_t, t).float()
+    def predict_eps_x0(self, net, x_t, t, y=None, cfg: float = 1.0):
+        """The network's prediction (guided by `cfg` when y is given) as fp32 (eps_hat, x0_hat), whatever it was
+        trained to predict. In pixel space x0_hat is clamped to [-1, 1] and eps_hat recomputed from the clamped
+        x0_hat, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar), as in the DDIM and improved-diffusion code
+        (`_predict_eps_from_xstart`): the pair stays on the line x_t = sqrt(abar) x0 + sqrt(1 - abar) eps that a
+        DDIM step follows. (Latents have no such range: no clamp.)"""
+        out = self.guided(net, x_t, t, y, cfg)
         xt = x_t.float()
         abar = self._a("abar", t, xt)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         x0 = (xt - s * out) / a if self.prediction == "eps" else a * xt - s * out   # v = a eps - s x0
-        x0 = x0.clamp(-1, 1)
+        if self.autoencoder is None:
+            x0 = x0.clamp(-1, 1)
         return (xt - a * x0) / s, x0
 
     def training_step(self, batch, ctx):
         # Schedule arithmetic and noising in fp32 whatever the engine dtype; the UNet casts its inputs
         # (x_t, the timestep embedding) to its weights' dtype.
-        x0 = batch["views"][0][0].float()                                        # [B, 3, S, S] in [-1, 1]
+        x0 = self.to_space(batch["views"][0][0])                    # [B, C, S, S]: [-1, 1] pixels or scaled latents
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)          # index t = step t+1
         eps = torch.randn_like(x0)
         abar = self._a("abar", t, x0)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         x_t = a * x0 + s * eps
         target = eps if self.prediction == "eps" else a * eps - s * x0
-        return {"loss": (self.unet(x_t, t).float() - target).pow(2).mean()}
-
-    def after_step(self, ctx):
-        self.ema.update(self.ema_decay)
+        return {"loss": (self.net(x_t, t, self.train_labels(batch)).float() - target).pow(2).mean()}
 
     @torch.no_grad()
-    def sample(self, n, generator=None, steps=None, sampler=None, **kwargs):
+    def sample(self, n, generator=None, steps=None, sampler=None, cfg=None, classes=None, **kwargs):
+        """n images [n, 3, S, S] in [-1, 1] from the EMA denoiser; `classes` (one int, or [n]) and the guidance
+        scale `cfg` (default method.guidance) for a class-conditional model."""
         steps = self.sample_steps if steps is None else steps
         sampler = sampler or self.sampler
         self.check_sampler(sampler, steps, self.T)
-        dev, S = self._device(), self.image_size
-        net = self.unet_ema
-        x = randn((n, 3, S, S), generator, dev)
+        y, cfg = self.sample_labels(n, classes), self.guidance if cfg is None else cfg
+        dev = self._device()
+        x = randn((n, *self.space), generator, dev)
         ts = torch.linspace(self.T - 1, 0, steps).round().long().unique_consecutive().tolist()
         for t, t_prev in zip(ts, ts[1:] + [-1]):
-            x = self.sampler_step(net, x, t, t_prev, sampler, generator)
-        return x.clamp(-1, 1)
+            x = self.sampler_step(self.net_ema, x, t, t_prev, sampler, generator, y, cfg)
+        return self.from_space(x)
 
     @torch.no_grad()
-    def sampler_step(self, net, x, t: int, t_prev: int, sampler: str = "ddim", generator=None):
-        """One reverse step of x [n, 3, S, S] from timestep index t to t_prev (-1: to x_0). DDIM, eta = 0
+    def sampler_step(self, net, x, t: int, t_prev: int, sampler: str = "ddim", generator=None, y=None, cfg=1.0):
+        """One reverse step of x [n, C, S, S] from timestep index t to t_prev (-1: to x_0). DDIM, eta = 0
         (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat; DDPM:
         ancestral, from the posterior q(x_prev | x_t, x0_hat) of the (strided) step."""
         dev = x.device
-        eps, x0 = self.predict_eps_x0(net, x, torch.full((x.shape[0],), t, dtype=torch.long, device=dev))
+        eps, x0 = self.predict_eps_x0(net, x, torch.full((x.shape[0],), t, dtype=torch.long, device=dev), y, cfg)
         abar = self.schedule("abar", dev)
         abar_t, abar_prev = abar[t], abar[t_prev] if t_prev >= 0 else torch.ones((), device=dev)
         if sampler == "ddim":
@@ -147,9 +139,12 @@ class DDPM(GenerativeMethod):
 
     @torch.no_grad()
     def bits_per_dim(self, images, generator=None):
-        """Monte Carlo estimate of the variational bound per image, bits/dim (EMA weights)."""
+        """Monte Carlo estimate of the variational bound per image, bits/dim (EMA weights; the unconditional
+        model of a class-conditional one). None in latent space: no bound on pixels."""
+        if self.autoencoder is not None:
+            return None
         x0, B, D = images.float(), images.shape[0], images[0].numel()
-        T, net = self.T, self.unet_ema
+        T, net = self.T, self.net_ema
 
         def q_post(x_t, t, x0_):
             return posterior(x_t, x0_, self._a("abar", t, x_t), self._a("abar_prev", t, x_t))

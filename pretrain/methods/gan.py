@@ -12,6 +12,8 @@ the timm trunk can be exported (`pretrain export` writes timm models).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,7 +35,11 @@ class GAN(GenerativeMethod):
     checks = {"latent_dim": integer(1), "loss": choice(*LOSSES), "r1": non_negative(), "discriminator": choice("timm", "dcgan"),
               "width": integer(1), "ema_decay": fraction()}
 
-    def __init__(self, backbone: nn.Module, latent_dim=128, loss="hinge", r1=0.0, discriminator="dcgan", width=64,
+    @classmethod
+    def uses_backbone(cls, kwargs):
+        return kwargs["discriminator"] == "timm"   # the DCGAN discriminator builds its own trunk
+
+    def __init__(self, backbone: Optional[nn.Module], latent_dim=128, loss="hinge", r1=0.0, discriminator="dcgan", width=64,
                  ema_decay=0.999, image_size=32):
         super().__init__(backbone, image_size)
         self.latent_dim, self.loss, self.r1, self.ema_decay = latent_dim, loss, r1, ema_decay

@@ -6,6 +6,7 @@ of each other), by a 256-way softmax or a mixture of discretized logistics per s
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -26,9 +27,12 @@ class PixelCNN(GenerativeMethod):
     checks = {"output": choice(*OUTPUTS), "mixtures": integer(1), "dim": integer(1), "layers": integer(1),
               "kernel": integer(3)}   # and odd: checked below
 
-    def __init__(self, backbone: nn.Module, output="softmax", mixtures=5, dim=64, layers=8, kernel=5, image_size=32):
+    @classmethod
+    def uses_backbone(cls, kwargs):
+        return False   # a pixel-space model: no timm backbone to train or export
+
+    def __init__(self, backbone: Optional[nn.Module], output="softmax", mixtures=5, dim=64, layers=8, kernel=5, image_size=32):
         super().__init__(backbone, image_size)
-        self.backbone = None   # a pixel-space model: no timm backbone to train or export
         if kernel % 2 == 0:
             raise ValueError(f"method.kernel must be odd and >= 3, got {kernel}")
         self.output, self.mixtures = output, mixtures

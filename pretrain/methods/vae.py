@@ -6,6 +6,7 @@ logistic or Gaussian per sub-pixel. Loss: the negative ELBO per dimension, with 
 """
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -55,6 +56,44 @@ class VAE(GenerativeMethod):
 
     @torch.no_grad()
     def sample(self, n, generator=None, **kwargs):
-        z = randn((n, self.latent_dim), generator, self._device())
-        mean, _ = self.decoder(z).chunk(2, dim=1)
-        return torch.tanh(mean)   # the likelihood's mean (its mode), as VAE grids usually show
+        return self.decode(randn((n, self.latent_dim), generator, self._device()))
+
+    # ---- as the frozen autoencoder of latent diffusion (pretrain/methods/denoising.py) ----------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] in [-1, 1] -> a posterior sample z = mu + sigma * eps [B, latent_dim]."""
+        mu, logvar = self.to_latent(self.backbone(x)).float().chunk(2, dim=1)
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [B, latent_dim] -> images [B, 3, S, S]: the likelihood's mean (its mode), as VAE grids show."""
+        mean, _ = self.decoder(z.to(self.to_latent.weight.dtype)).float().chunk(2, dim=1)
+        return torch.tanh(mean)
+
+
+def load_autoencoder(path, image_size: int) -> VAE:
+    """The VAE in `path`, a file written by `pretrain export VAE_RUN --which autoencoder` (safetensors: every
+    weight of the VAE, and its run config in the metadata; nothing is unpickled)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pretrain.config import from_dict
+    from pretrain.methods import create_method
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("pretrain", "{}"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"method.autoencoder={path} is not a readable safetensors file ({e}); write one with "
+                         f"`pretrain export VAE_RUN --which autoencoder --out FILE`") from None
+    if meta.get("which") != "autoencoder" or meta.get("method") != "vae":
+        raise ValueError(f"method.autoencoder={path} is not a VAE autoencoder export; write one with "
+                         f"`pretrain export VAE_RUN --which autoencoder --out FILE`")
+    cfg = from_dict(meta["config"])
+    if cfg.data.image_size != image_size:
+        raise ValueError(f"the autoencoder {path} was trained at {cfg.data.image_size} px; set data.image_size="
+                         f"{cfg.data.image_size}")
+    vae = create_method(cfg, warm_start=False)
+    vae.load_state_dict(load_file(str(path)))
+    return vae

@@ -69,6 +69,12 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+def null_labels(y, num_classes: int, n: int, device) -> torch.Tensor:
+    """Class labels [n] for a class embedding of num_classes + 1 rows: y, or all the null label (index
+    num_classes, the unconditional model of classifier-free guidance) when y is None."""
+    return torch.full((n,), num_classes, dtype=torch.long, device=device) if y is None else y.to(device)
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, tdim: int, groups: int = 8):
         super().__init__()
@@ -86,9 +92,12 @@ class ResBlock(nn.Module):
 
 class UNet(nn.Module):
     """A small DDPM UNet: ResBlocks per resolution, x2 down/up sampling, skip connections, time
-    embedding. x [B, C, S, S], t [B] -> [B, C, S, S]. S must be divisible by 2^(len(mults) - 1)."""
+    embedding. x [B, C, S, S], t [B] (float timesteps, 0..1000 scale), y [B] class labels or None ->
+    [B, C, S, S]. S must be divisible by 2^(len(mults) - 1). With num_classes > 0 a learned class embedding is
+    added to the time embedding (index num_classes: the null label of classifier-free guidance; y=None: all null)."""
 
-    def __init__(self, image_size: int, channels: int = 3, base: int = 64, mults=(1, 2, 2), blocks: int = 2):
+    def __init__(self, image_size: int, channels: int = 3, base: int = 64, mults=(1, 2, 2), blocks: int = 2,
+                 num_classes: int = 0):
         super().__init__()
         f = 2 ** (len(mults) - 1)
         if image_size % f or image_size < f:
@@ -97,6 +106,8 @@ class UNet(nn.Module):
         tdim = base * 4
         self.base = base
         self.temb = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.num_classes = num_classes
+        self.label = nn.Embedding(num_classes + 1, tdim) if num_classes else None
         self.inp = nn.Conv2d(channels, base, 3, 1, 1)
         self.down, chans, c = nn.ModuleList(), [base], base
         for i, m in enumerate(mults):
@@ -117,9 +128,11 @@ class UNet(nn.Module):
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, 1, 1))
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         dtype = self.inp.weight.dtype   # inputs made in fp32 meet the weights' dtype (bf16/fp16 under DeepSpeed)
         temb = self.temb(timestep_embedding(t, self.base).to(dtype))
+        if self.label is not None:
+            temb = temb + self.label(null_labels(y, self.num_classes, x.shape[0], x.device))
         h = self.inp(x.to(dtype))
         hs = [h]
         for layer in self.down:
