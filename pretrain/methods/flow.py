@@ -58,11 +58,16 @@ class Flow(DenoisingMethod):
     def training_step(self, batch, ctx):
         x0 = self.to_space(batch["views"][0][0])                     # [B, C, S, S]: [-1, 1] pixels or scaled latents
         t = self.draw_t(x0.shape[0], x0.device)                       # [B]
-        eps = torch.randn_like(x0)
-        tb = t.view(-1, *[1] * (x0.dim() - 1))
-        x_t = (1 - tb) * x0 + tb * eps
+        x_t, target = self.interpolant(x0, torch.randn_like(x0), t)
         v = self.net(x_t, t * TIME_SCALE, self.train_labels(batch)).float()
-        return {"loss": (v - (eps - x0)).pow(2).mean()}
+        return {"loss": (v - target).pow(2).mean()}
+
+    @staticmethod
+    def interpolant(x0, eps, t):
+        """(x_t, velocity target) for data x0 [B, ...], noise eps [B, ...] and times t [B]: the straight line
+        x_t = (1 - t) x0 + t eps and its time derivative eps - x0."""
+        tb = t.view(-1, *[1] * (x0.dim() - 1))
+        return (1 - tb) * x0 + tb * eps, eps - x0
 
     @torch.no_grad()
     def sample(self, n, generator=None, steps=None, sampler=None, cfg=None, classes=None, **kwargs):

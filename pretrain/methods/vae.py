@@ -75,7 +75,7 @@ class VAE(GenerativeMethod):
 def load_autoencoder(path, image_size: int) -> VAE:
     """The VAE in `path`, a file written by `pretrain export VAE_RUN --which autoencoder` (safetensors: every
     weight of the VAE, and its run config in the metadata; nothing is unpickled)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from pretrain.config import from_dict
@@ -84,7 +84,7 @@ def load_autoencoder(path, image_size: int) -> VAE:
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("pretrain", "{}"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"method.autoencoder={path} is not a readable safetensors file ({e}); write one with "
                          f"`pretrain export VAE_RUN --which autoencoder --out FILE`") from None
     if meta.get("which") != "autoencoder" or meta.get("method") != "vae":
