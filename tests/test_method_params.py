@@ -15,7 +15,11 @@ GEN = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
 #: keys where zero is meaningful: a momentum/EMA decay of 0 copies the online network, beta = 0 is a plain
 #: autoencoder, r1 = 0 turns the penalty off, CPC's context may be a single 1x1 conv
 ZERO_OK = {("moco_v2", "momentum"), ("moco_v3", "momentum"), ("byol", "momentum"), ("dino", "momentum"), ("ibot", "momentum"), ("cpc", "context_layers"), ("vae", "beta"),
-           ("gan", "r1"), ("gan", "ema_decay"), ("ddpm", "ema_decay"),
+           ("gan", "r1"), ("gan", "ema_decay"), ("ddpm", "ema_decay"), ("flow", "ema_decay"),
+           # the denoisers: a DiT's named size (dit_* = 0), unconditional (num_classes = 0), no label dropout, a
+           # latent scale estimated from the data (latent_scale = 0)
+           *[(m, k) for m in ("ddpm", "flow") for k in ("dit_depth", "dit_hidden", "dit_heads", "num_classes",
+                                                         "label_dropout", "latent_scale")],
            # SwAV: no local crops (its 2x224 variant), no queue, the queue from the start, no prototype freeze
            ("swav", "num_local_crops"), ("swav", "queue_length"), ("swav", "epoch_queue_starts"),
            ("swav", "freeze_prototypes_epochs"),
@@ -45,6 +49,8 @@ def _cfg(name, key=None, value=None):
 
 #: keys that are a fraction of something (a decay per step): above 1 means nothing
 FRACTIONS = {"momentum", "ema_decay"}
+#: keys that may be any real number (a location: the logit-normal's mean)
+SIGNED = {"logit_mean"}
 
 
 def _sweep(key, default):
@@ -52,7 +58,7 @@ def _sweep(key, default):
     if isinstance(default, bool):
         return ["maybe", 3]
     if isinstance(default, (int, float)):
-        return [0, -1] + ([1.5] if key in FRACTIONS else [])
+        return ["x"] if key in SIGNED else [0, -1] + ([1.5] if key in FRACTIONS else [])
     if default is None:   # "derive it" (SimSiam's projector width: the backbone's); a value must still be sane
         return [0, -1, "x"]
     if isinstance(default, str):

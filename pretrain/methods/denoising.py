@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -33,8 +34,9 @@ DENOISING_DEFAULTS = {"denoiser": "unet", "base_channels": 64, "channel_mults": 
                       "guidance": 1.0, "autoencoder": "", "latent_side": 4, "latent_scale": 0.0}
 DENOISING_CHECKS = {"denoiser": Rule("unet or a DiT name such as DiT-S/2, DiT-B/4, DiT-L/8",
                                      lambda v: v == "unet" or (isinstance(v, str) and v.startswith("DiT-")), ("vit", 3)),
-                    "autoencoder": Rule("a path (a `pretrain export --which autoencoder` file) or empty",
-                                        lambda v: isinstance(v, str), (3,)),
+                    "autoencoder": Rule("empty, or an existing file written by `pretrain export VAE_RUN --which "
+                                        "autoencoder`", lambda v: v == "" or (isinstance(v, str) and Path(v).is_file()),
+                                        (3, "no/such/file.safetensors")),
                     "base_channels": integer(1), "channel_mults": integers(1), "blocks": integer(1),
                     "dit_depth": integer(0), "dit_hidden": integer(0), "dit_heads": integer(0),
                     "num_classes": integer(0), "label_dropout": fraction(), "guidance": positive(),

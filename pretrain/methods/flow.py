@@ -10,6 +10,7 @@ denoiser (UNet or DiT), EMA, class conditioning with CFG and latent space come f
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn as nn
 from pretrain.methods.denoising import DENOISING_CHECKS, DENOISING_DEFAULTS, DenoisingMethod
 from pretrain.methods.generative import randn
 from pretrain.methods.registry import METHODS
-from pretrain.params import choice, integer, positive
+from pretrain.params import Rule, choice, integer, positive
 
 #: the network sees t on the 0..1000 scale of DDPM timesteps (its sinusoidal embedding's frequencies)
 TIME_SCALE = 1000.0
@@ -29,6 +30,8 @@ class Flow(DenoisingMethod):
     defaults = {**DENOISING_DEFAULTS, "time_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
                 "sampler": "heun", "sample_steps": 50, "ema_decay": 0.9999}
     checks = {**DENOISING_CHECKS, "time_sampling": choice("uniform", "logit_normal"), "logit_std": positive(),
+              "logit_mean": Rule("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v), ("x", float("nan"))),
               "sampler": choice("euler", "heun"), "sample_steps": integer(1)}
 
     def __init__(self, backbone: Optional[nn.Module], time_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
