@@ -21,6 +21,7 @@ setup(
         "numpy>=1.24",
         "pillow>=9",
         "scipy>=1.9",          # Frechet distance (matrix square root)
+        "torch-fidelity==0.4.0",   # Inception-FID / IS (`pretrain eval gen --inception`): its InceptionV3 and metrics
     ],
     extras_require={
         "quickstart": ["scikit-learn>=1.2"],
