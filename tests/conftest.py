@@ -51,6 +51,19 @@ def _module_scratch(request, tmp_path_factory):
             shutil.rmtree(p, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _close_run_logs():
+    """An in-process `train()` leaves its run_dir/log.txt handler on the "pretrain" logger; a passing test's
+    tmp_path is deleted when it ends, and the next test's first log line would then fail to reopen that file."""
+    yield
+    import logging
+
+    log = logging.getLogger("pretrain")
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        h.close()
+        log.removeHandler(h)
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """<dir>/{train,val}/shard-*.tar + index.json: 1797 real digits, 100 per shard, 10% val."""

@@ -36,7 +36,7 @@ class _Recorder(nn.Module):
         super().__init__()
         self.out, self.seen = out, []
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         self.seen.append((x.detach().clone(), t.detach().clone()))
         return torch.zeros_like(x) if self.out is None else self.out.to(x.dtype)
 
@@ -48,11 +48,11 @@ def test_noising_is_never_noise_free_with_a_bf16_batch():
     With x0 = 0, x_t = sqrt(1 - abar_t) eps, so the network's input is zero exactly where 1 - abar_t == 0 in
     the dtype training_step actually noises in."""
     m = _ddpm(8, "method.timesteps=1000", "method.schedule=cosine")
-    m.unet = _Recorder()
+    m.net = _Recorder()
     torch.manual_seed(0)
     x0 = torch.zeros(16000, 3, 1, 1, dtype=torch.bfloat16)          # [B, 3, 1, 1]: enough draws to hit every t
     loss = m.training_step({"views": [x0[None]]}, m.step_context())["loss"]
-    x_t, t = m.unet.seen[0]
+    x_t, t = m.net.seen[0]
     assert set(t.tolist()) == set(range(1000))
     silent = sorted(set(t[(x_t == 0).flatten(1).any(1)].tolist()))
     assert silent == [], f"{len(silent)} timesteps get no noise: {silent[:30]}"
@@ -69,7 +69,7 @@ def test_unet_with_half_precision_weights_takes_fp32_inputs():
     loss = m.training_step({"views": [x0]}, m.step_context())["loss"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in m.unet.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in m.net.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ DDIM
@@ -183,7 +183,7 @@ MOCO = dict(method__name="moco_v2", method__queue_size=64, method__momentum=0.9,
             method__proj_dim=16)
 DDPM = ["method.base_channels=8", "method.channel_mults=[1,2]", "method.blocks=1", "method.timesteps=20",
         "method.sample_steps=5", "method.bound_samples=19", "method.ema_decay=0.9"]
-EMA_PREFIX = {"moco_v2": ("key_backbone.", "key_projector."), "ddpm": ("unet_ema.",)}
+EMA_PREFIX = {"moco_v2": ("key_backbone.", "key_projector."), "ddpm": ("net_ema.",)}
 STEPS = 2   # checkpoints at 1 and 2; the resumed run does step 2, whose EMA update needs the saved masters
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain import comm
 from pretrain.data.views import IDENTITY
 from pretrain.methods.generative import GenerativeMethod
 from pretrain.models.denoiser import create_denoiser
@@ -136,7 +137,7 @@ class DenoisingMethod(GenerativeMethod):
         z = self.autoencoder.encode(images.float()).view(images.shape[0], *self.space)
         if self.latent_scale.item() == 0:   # first batch: estimate 1 / std over every rank's latents
             s = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)]).double()
-            if dist.is_available() and dist.is_initialized():
+            if comm.initialized():
                 dist.all_reduce(s)
             mean = s[0] / s[2]
             self.latent_scale.fill_(float(1 / (s[1] / s[2] - mean ** 2).sqrt()))
