@@ -266,3 +266,17 @@ def test_latent_errors_are_one_line(autoencoder, tmp_path):
     bad.write_bytes(b"not a file")
     with pytest.raises(ValueError, match="--which autoencoder"):
         _latent(bad)
+
+
+def test_sharded_generation_draws_class_i_mod_k_for_sample_i_whatever_the_batches():
+    from pretrain.evaluation.fidelity import generate
+    from pretrain.methods.generative import sample_generators
+
+    method = _method("flow", "method.num_classes=3", "method.sample_steps=2")
+    for p in method.net_ema.parameters():
+        p.data.normal_(0, 0.2)
+    method.eval()
+    whole = generate(method, range(5), 0, 5)
+    assert torch.equal(whole, torch.cat([generate(method, [0, 1], 0, 2), generate(method, [2, 3, 4], 0, 1)]))
+    from pretrain.evaluation.generative import to_uint8
+    assert torch.equal(whole[4:], to_uint8(method.sample(1, generator=sample_generators(0, [4]), classes=[1])))

@@ -53,6 +53,20 @@ def test_histogram_baseline_and_frechet_distance():
     assert frechet_distance(a, a + torch.tensor([1.0, 2.0, 0.0, 0.0])) == pytest.approx(5.0, abs=1e-6)
 
 
+def test_frechet_distance_equals_the_sqrtm_formula_on_correlated_features():
+    """The eigenvalue form against scipy's matrix square root of S_a S_b (the pytorch-fid formula), float64."""
+    import numpy as np
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    b = torch.randn(300, 16, generator=g) @ torch.randn(16, 16, generator=g) + 0.3
+    A, B = a.double().numpy(), b.double().numpy()
+    sa, sb = np.cov(A, rowvar=False), np.cov(B, rowvar=False)
+    want = ((A.mean(0) - B.mean(0)) ** 2).sum() + np.trace(sa + sb) - 2 * np.trace(linalg.sqrtm(sa @ sb).real)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------ PixelCNN
 def test_pixelcnn_is_causal_in_raster_order():
     """The output at pixel i (all channels, all logits) has zero gradient w.r.t. every input pixel

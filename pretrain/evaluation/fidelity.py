@@ -184,13 +184,19 @@ def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(method, indices: Sequence[int], seed: int, batch_size: int, **kw) -> torch.Tensor:
-    """uint8 samples [len(indices), 3, S, S]; sample i from `sample_generators(seed, [i])` whatever the batch."""
+    """uint8 samples [len(indices), 3, S, S]; sample i from `sample_generators(seed, [i])` whatever the batch. A
+    class-conditional model without `classes` in kw draws class i % num_classes for sample i (balanced classes,
+    the same for any split over ranks and batches)."""
     from pretrain.evaluation.generative import to_uint8
     from pretrain.methods.generative import sample_generators
 
     idx = list(indices)
-    out = [to_uint8(method.sample(len(b), generator=sample_generators(seed, b), **kw)).cpu()
-           for b in (idx[i:i + batch_size] for i in range(0, len(idx), batch_size))]
+    by_index = getattr(method, "num_classes", 0) and kw.get("classes") is None
+
+    def draw(b):
+        extra = {"classes": torch.tensor(b) % method.num_classes} if by_index else {}
+        return to_uint8(method.sample(len(b), generator=sample_generators(seed, b), **kw, **extra)).cpu()
+    out = [draw(b) for b in (idx[i:i + batch_size] for i in range(0, len(idx), batch_size))]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
 
 

@@ -38,18 +38,19 @@ def histogram_bits_per_dim(train_uint8: torch.Tensor, val_uint8: torch.Tensor, a
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between feature sets [N, D] and [M, D]."""
-    from scipy import linalg
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between feature sets [N, D] and [M, D], in float64.
 
+    Tr (S_a S_b)^(1/2) = sum_i sqrt(lambda_i) with lambda the eigenvalues of the symmetric PSD matrix
+    S_a^(1/2) S_b S_a^(1/2) (similar to S_a S_b): two symmetric eigendecompositions, ~10x faster than scipy's
+    sqrtm at D = 2048 and without its complex round-off."""
     a, b = a.double().numpy(), b.double().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():   # near-singular product: regularise, as the reference FID code does
-        eps = np.eye(s_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T                                     # S_a^(1/2)
+    m = root_a @ s_b @ root_a
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 0) -> torch.Tensor:
