@@ -25,7 +25,6 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from pretrain.data.masking import RandomMasking
@@ -33,39 +32,13 @@ from pretrain.data.views import ViewSpec
 from pretrain.methods.base import Method
 from pretrain.methods.registry import METHODS
 from pretrain.models.backbone import run_blocks
-from pretrain.models.vit import is_vit, keep_indices, patch_grid, restore_tokens, vit_tokens
+from pretrain.models.vit import (is_vit, keep_indices, patch_grid, patchify, restore_tokens, sincos_pos_embed_2d,  # noqa: F401
+                                 unpatchify, vit_tokens, xavier_linears)
 from pretrain.params import boolean, choice, fraction, integer, positive
 
 #: main_pretrain.py: RandomResizedCrop(scale=(0.2, 1.0), bicubic) and a horizontal flip; nothing else
 MAE_VIEW = ViewSpec(crop_scale=(0.2, 1.0), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 NORM_PIX_EPS = 1e-6
-
-
-def sincos_pos_embed_2d(dim: int, grid: Sequence[int]) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos position embedding (util/pos_embed.py get_2d_sincos_pos_embed, for an (h, w)
-    grid) -> float32 [h*w, dim], rows in row-major patch order. Row r*w + c holds [sin(c w_k), cos(c w_k)] in
-    its first half and [sin(r w_k), cos(r w_k)] in its second, w_k = 10000^(-k / (dim / 4)), k < dim / 4."""
-    if dim % 4:
-        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    # timm's table, sin/cos interleaved per coordinate: [sin r, cos r | sin c, cos c]; MAE puts the column first
-    table = build_sincos2d_pos_embed(list(grid), dim, interleave_sin_cos=True)   # [h*w, dim]
-    return table.roll(dim // 2, dims=1)
-
-
-def patchify(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
-    """[B, C, H, W] -> [B, h*w, ph*pw*C] (models_mae.py's order: patches row-major, pixels (row, col, channel))."""
-    B, C, H, W = images.shape
-    ph, pw = patch
-    x = images.reshape(B, C, H // ph, ph, W // pw, pw)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // ph) * (W // pw), ph * pw * C)
-
-
-def unpatchify(patches: torch.Tensor, grid: Tuple[int, int], patch: Tuple[int, int]) -> torch.Tensor:
-    """The inverse of `patchify`: [B, h*w, ph*pw*C] -> [B, C, h*ph, w*pw]."""
-    (h, w), (ph, pw) = grid, patch
-    B, C = patches.shape[0], patches.shape[-1] // (ph * pw)
-    x = patches.reshape(B, h, w, ph, pw, C)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * ph, w * pw)
 
 
 def pixel_targets(patches: torch.Tensor, norm_pix: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,23 +60,11 @@ def mae_loss(pred: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor, nor
     return (per_patch * m).sum() / m.sum()
 
 
-def _xavier_linears(module: nn.Module) -> None:
-    """models_mae.py _init_weights: xavier_uniform Linear weights, zero biases, LayerNorm (1, 0)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def mae_init_encoder(vit: nn.Module) -> None:
     """models_mae.py initialize_weights on a timm ViT: the fixed sin-cos position embedding (zeros at the prefix
     tokens' rows, frozen), the patch projection xavier_uniform as a Linear, class/register tokens N(0, 0.02),
     xavier_uniform Linear layers."""
-    _xavier_linears(vit)
+    xavier_linears(vit)
     w = vit.patch_embed.proj.weight
     with torch.no_grad():
         w.copy_(nn.init.xavier_uniform_(torch.empty(w.shape[0], w[0].numel())).view_as(w))
@@ -173,7 +134,7 @@ class MAE(Method):
         self.decoder_norm = norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch[0] * self.patch[1] * 3)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            _xavier_linears(m)
+            xavier_linears(m)
         nn.init.normal_(self.mask_token, std=0.02)
         # fixed, a function of the grid: a buffer outside the checkpoint
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, self.grid).unsqueeze(0),

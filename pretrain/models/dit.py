@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp, PatchEmbed
 
-from pretrain.methods.mae import _xavier_linears, sincos_pos_embed_2d, unpatchify
 from pretrain.models.backbone import ModelError
 from pretrain.models.generative import null_labels, timestep_embedding
+from pretrain.models.vit import sincos_pos_embed_2d, unpatchify, xavier_linears
 
 #: (depth, hidden, heads) of the paper's Table 1 sizes; a name's "/p" suffix gives the patch size
 DIT_CONFIGS = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16)}
@@ -103,7 +103,7 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier_uniform Linears (zero biases), the patch projection xavier_uniform as
         a Linear, N(0, 0.02) time-MLP and label-table weights, every adaLN modulation and the output Linear zero."""
-        _xavier_linears(self)
+        xavier_linears(self)
         w = self.x_embedder.proj.weight                                                    # [D, C, p, p]
         with torch.no_grad():
             w.copy_(nn.init.xavier_uniform_(torch.empty_like(w).view(w.shape[0], -1)).view_as(w))

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchDropout
+from timm.layers import PatchDropout, build_sincos2d_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
@@ -145,3 +145,43 @@ def split_tokens(model: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, 
                          f"'{getattr(model, 'global_pool', '?')}'); set model.kwargs.class_token=true and "
                          f"model.kwargs.global_pool=token")
     return tokens[:, 0], tokens[:, model.num_prefix_tokens:]
+
+
+# ---- shared by MAE's decoder and the DiT denoiser (pretrain/models/dit.py) ----------------------------------
+def sincos_pos_embed_2d(dim: int, grid: Sequence[int]) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position embedding (util/pos_embed.py get_2d_sincos_pos_embed, for an (h, w)
+    grid) -> float32 [h*w, dim], rows in row-major patch order. Row r*w + c holds [sin(c w_k), cos(c w_k)] in
+    its first half and [sin(r w_k), cos(r w_k)] in its second, w_k = 10000^(-k / (dim / 4)), k < dim / 4."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    # timm's table, sin/cos interleaved per coordinate: [sin r, cos r | sin c, cos c]; MAE puts the column first
+    table = build_sincos2d_pos_embed(list(grid), dim, interleave_sin_cos=True)   # [h*w, dim]
+    return table.roll(dim // 2, dims=1)
+
+
+def patchify(images: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] -> [B, h*w, ph*pw*C] (models_mae.py's order: patches row-major, pixels (row, col, channel))."""
+    B, C, H, W = images.shape
+    ph, pw = patch
+    x = images.reshape(B, C, H // ph, ph, W // pw, pw)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // ph) * (W // pw), ph * pw * C)
+
+
+def unpatchify(patches: torch.Tensor, grid: Tuple[int, int], patch: Tuple[int, int]) -> torch.Tensor:
+    """The inverse of `patchify`: [B, h*w, ph*pw*C] -> [B, C, h*ph, w*pw]."""
+    (h, w), (ph, pw) = grid, patch
+    B, C = patches.shape[0], patches.shape[-1] // (ph * pw)
+    x = patches.reshape(B, h, w, ph, pw, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * ph, w * pw)
+
+
+def xavier_linears(module: nn.Module) -> None:
+    """models_mae.py _init_weights: xavier_uniform Linear weights, zero biases, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
