@@ -21,7 +21,7 @@ util/pos_embed.py); deviations in docs/methods.md (MAE).
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
