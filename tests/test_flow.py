@@ -280,3 +280,16 @@ def test_sharded_generation_draws_class_i_mod_k_for_sample_i_whatever_the_batche
     assert torch.equal(whole, torch.cat([generate(method, [0, 1], 0, 2), generate(method, [2, 3, 4], 0, 1)]))
     from pretrain.evaluation.generative import to_uint8
     assert torch.equal(whole[4:], to_uint8(method.sample(1, generator=sample_generators(0, [4]), classes=[1])))
+
+
+def test_ema_decay_follows_its_schedule_with_a_warmup():
+    """ema_decay: {start: 0.9999, warmup_steps: 100} (EDM/DiT-style ramp from 0): after step s the EMA moved by
+    1 - decay(s), the schedule's value there (warmup step s gives 0.9999 (s + 1) / 100)."""
+    method = _method("flow", "method.ema_decay={start: 0.9999, warmup_steps: 100}")
+    ema0 = [p.detach().clone() for p in method.net_ema.parameters()]
+    for p in method.net.parameters():
+        p.data.add_(1.0)
+    method.after_step(method.step_context(4, 1000))
+    d = 0.9999 * 5 / 100
+    for e0, p, e in zip(ema0, method.net.parameters(), method.net_ema.parameters()):
+        assert torch.allclose(e, d * e0 + (1 - d) * p.detach(), atol=1e-6)

@@ -20,7 +20,10 @@ SMALL = {"vae": ["method.latent_dim=8", "method.decoder_width=8"],
          "gan": ["method.latent_dim=8", "method.width=8"],
          "pixelcnn": ["method.dim=8", "method.layers=3"],
          "ddpm": ["method.base_channels=8", "method.channel_mults=[1,2]", "method.blocks=1", "method.timesteps=20",
-                  "method.sample_steps=5", "method.bound_samples=19"]}
+                  "method.sample_steps=5", "method.bound_samples=19"],
+         # a class-conditional tiny DiT: conditioning, label dropout and the transformer go through the engine too
+         "flow": ["method.denoiser=DiT-S/2", "method.dit_depth=2", "method.dit_hidden=32", "method.dit_heads=2",
+                  "method.num_classes=10", "method.sample_steps=3"]}
 LEVELS = torch.arange(256).float() / 127.5 - 1            # every 8-bit value in [-1, 1]
 
 
@@ -134,7 +137,7 @@ def _ov(shards, run_dir, name, **kv):
 
 
 @pytest.mark.parametrize("name,tag", [("vae", "train/loss"), ("gan", "train/d/loss"), ("pixelcnn", "train/loss"),
-                                      ("ddpm", "train/loss")])
+                                      ("ddpm", "train/loss"), ("flow", "train/loss")])
 @pytest.mark.slow
 def test_generative_resume_reproduces_losses(tmp_path, digits_shards, experiment, name, tag):
     ref = tmp_path / "ref"
@@ -191,7 +194,23 @@ def test_sample_cli_errors(tmp_path, ddpm_run, ref_run, capsys):
     assert "step count must be in" in error(ddpm_run, "--out", tmp_path / "x.png", "--steps", "0")
     assert "no checkpoint in" in error(tmp_path / "empty", "--out", tmp_path / "x.png")
     assert "does not generate images" in error(ref_run[0], "--out", tmp_path / "x.png")
+    assert "without classes" in error(ddpm_run, "--out", tmp_path / "x.png", "--class", "1")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_class_conditional_dit_flow_samples_with_guidance_from_the_cli(tmp_path, digits_shards, experiment, capsys):
+    """A class-conditional DiT flow trained by `pretrain train` samples a class with guidance through `pretrain
+    sample --cfg --class`; a class out of range is a one-line error."""
+    from PIL import Image
+
+    run = tmp_path / "flow"
+    cli("train", experiment, *_ov(digits_shards, run, "flow", train__max_steps=2), check=True)
+    out = tmp_path / "g.png"
+    p = cli("sample", run, "--n", "4", "--out", out, "--cfg", "3.0", "--class", "2", check=True)
+    assert "4 samples of flow" in p.stdout and Image.open(out).size == (2 * 8 + 3, 2 * 8 + 3)
+    assert "--class must be in [0, 9]" in inproc_error_line(capsys, "sample", run, "--out", tmp_path / "y.png",
+                                                           "--class", "10")
 
 
 @pytest.mark.slow
