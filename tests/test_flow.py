@@ -293,3 +293,90 @@ def test_ema_decay_follows_its_schedule_with_a_warmup():
     d = 0.9999 * 5 / 100
     for e0, p, e in zip(ema0, method.net.parameters(), method.net_ema.parameters()):
         assert torch.allclose(e, d * e0 + (1 - d) * p.detach(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- learned sigma
+def _sigma_ddpm(*extra):
+    return _method("ddpm", "method.learn_sigma=true", "method.timesteps=20", "method.sample_steps=5", *extra)
+
+
+def test_learned_variance_interpolates_beta_and_beta_tilde():
+    """Nichol & Dhariwal eq. 15 in float64 from the betas: v = 1 gives beta_t, v = -1 beta~_t (the first step's
+    floored at beta~_1), v = 0 their geometric mean; for a strided step beta = 1 - abar_t / abar_prev."""
+    from pretrain.methods.ddpm import betas_for
+
+    m = _sigma_ddpm()
+    b = betas_for("cosine", 20)                                                   # float64
+    abar = torch.cumprod(1 - b, 0)
+    tilde = lambda t, tp: (1 - abar[t] / (abar[tp] if tp >= 0 else 1)) * ((1 - abar[tp]) if tp >= 0 else 0) / (1 - abar[t])  # noqa: E731
+    floor = tilde(1, 0)
+    for t, tp in [(5, 4), (0, -1), (12, 7)]:
+        beta = 1 - abar[t] / (abar[tp] if tp >= 0 else 1)
+        lo = max(tilde(t, tp), floor)
+        a_t = torch.tensor(float(abar[t]))
+        a_p = torch.tensor(float(abar[tp]) if tp >= 0 else 1.0)
+        for v, want in [(1.0, beta.log()), (-1.0, lo.log()), (0.0, 0.5 * (beta.log() + lo.log()))]:
+            got = m.model_log_var(torch.full((1,), v), a_t, a_p)
+            assert got.item() == pytest.approx(float(want), rel=1e-5, abs=1e-5), (t, tp, v)
+
+
+def test_bound_term_is_the_gaussian_kl_and_the_decoder_nll():
+    """vb_terms against torch.distributions: KL(q || p) for t > 0 (q's variance beta~_t, p's the learned one)."""
+    from torch.distributions import Normal, kl_divergence
+
+    m = _sigma_ddpm()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    x_t, x0_hat = torch.randn(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    v, t = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.tensor([3, 9])
+    abar = m.schedule("abar", "cpu").double()
+    ab, ap = abar[t].view(-1, 1, 1, 1), abar[t - 1].view(-1, 1, 1, 1)
+    beta, x0d, xtd = 1 - ab / ap, x0.double(), x_t.double()
+    q_mean = ap.sqrt() * beta / (1 - ab) * x0d + (1 - beta).sqrt() * (1 - ap) / (1 - ab) * xtd     # Ho et al. eq. 7
+    p_mean = ap.sqrt() * beta / (1 - ab) * x0_hat.double() + (1 - beta).sqrt() * (1 - ap) / (1 - ab) * xtd
+    tilde = beta * (1 - ap) / (1 - ab)
+    f = (v.double() + 1) / 2
+    p_std = (0.5 * (f * beta.log() + (1 - f) * tilde.log())).exp()
+    want = kl_divergence(Normal(q_mean, tilde.sqrt()), Normal(p_mean, p_std)).flatten(1).sum(1)
+    assert torch.allclose(m.vb_terms(x0, x_t, t, x0_hat, v).double(), want, rtol=1e-4)
+
+
+def test_hybrid_loss_trains_the_variance_only_through_the_bound():
+    """The bound's gradient reaches the variance channels and never the prediction's (improved DDPM's stop-grad)."""
+    m = _sigma_ddpm()
+    P = torch.randn(4, 6, 8, 8, requires_grad=True)
+
+    class Fixed(nn.Module):
+        def forward(self, x, t, y=None):
+            return P * 1
+
+    m.net = Fixed()
+    batch = {"views": [torch.rand(1, 4, 3, 8, 8) * 2 - 1]}
+    grads = {}
+    for name, vb in [("hybrid", m.vb_terms), ("mse", lambda *a: torch.zeros(4))]:
+        m.vb_terms = vb
+        torch.manual_seed(0)
+        grads[name] = torch.autograd.grad(m.training_step(batch, m.step_context())["loss"], P)[0]
+    assert torch.equal(grads["hybrid"][:, :3], grads["mse"][:, :3])
+    assert grads["mse"][:, 3:].abs().max() == 0 and grads["hybrid"][:, 3:].abs().max() > 0
+
+
+@pytest.mark.parametrize("denoiser", ["unet", "DiT-S/2"])
+def test_learned_sigma_ddpm_trains_and_samples(denoiser):
+    m = _sigma_ddpm(f"method.denoiser={denoiser}", "method.dit_depth=1", "method.dit_hidden=32", "method.dit_heads=2",
+                    "method.sampler=ddpm")
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    batch = {"views": [torch.rand(1, 8, 3, 8, 8) * 2 - 1]}
+    losses = []
+    for _ in range(5):
+        torch.manual_seed(0)
+        loss = m.training_step(batch, m.step_context())["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    m.ema.update(0.0)
+    x = m.eval().sample(2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
+    assert torch.isfinite(m.bits_per_dim(x, generator=torch.Generator().manual_seed(0))).all()

@@ -56,7 +56,7 @@ class DenoisingMethod(GenerativeMethod):
 
     def __init__(self, backbone: Optional[nn.Module], image_size: int, denoiser="unet", base_channels=64,
                  channel_mults=(1, 2, 2), blocks=2, dit_depth=0, dit_hidden=0, dit_heads=0, num_classes=0,
-                 label_dropout=0.1, guidance=1.0, autoencoder="", latent_side=4, latent_scale=0.0):
+                 label_dropout=0.1, guidance=1.0, autoencoder="", latent_side=4, latent_scale=0.0, learn_sigma=False):
         super().__init__(backbone, image_size)
         self.backbone = None
         self.num_classes, self.label_dropout, self.guidance = num_classes, label_dropout, guidance
@@ -76,7 +76,7 @@ class DenoisingMethod(GenerativeMethod):
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
         self.net = create_denoiser(denoiser, self.space[1], self.space[0], num_classes, base_channels=base_channels,
                                    channel_mults=channel_mults, blocks=blocks, dit_depth=dit_depth,
-                                   dit_hidden=dit_hidden, dit_heads=dit_heads)
+                                   dit_hidden=dit_hidden, dit_heads=dit_heads, learn_sigma=learn_sigma)
         self.net_ema = momentum_copy(self.net)
         self.ema = EMA(self.net_ema, self.net, copy_buffers=True)
         self._register_load_state_dict_pre_hook(_rename_unet)
@@ -105,12 +105,14 @@ class DenoisingMethod(GenerativeMethod):
 
     def guided(self, net, x, t, y, cfg: float) -> torch.Tensor:
         """net's output [B, ...] as fp32 under classifier-free guidance of scale `cfg` (y None or cfg == 1:
-        one plain call). Conditional and unconditional halves run as one batch."""
+        one plain call). Conditional and unconditional halves run as one batch. Only the prediction's C channels
+        are guided; extra ones (a learned variance) come from the conditional half, as in DiT's forward_with_cfg."""
         if y is None or cfg == 1.0:
             return net(x, t, y).float()
         null = null_labels(None, self.num_classes, x.shape[0], x.device)
         cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y.to(x.device), null])).float().chunk(2)
-        return uncond + cfg * (cond - uncond)
+        C = self.space[0]
+        return torch.cat([uncond[:, :C] + cfg * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], 1)
 
     def sample_labels(self, n: int, classes) -> Optional[torch.Tensor]:
         """The classes [n] to sample: `classes` (an int, or one per sample), or 0, 1, ..., num_classes - 1 in

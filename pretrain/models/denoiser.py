@@ -17,14 +17,16 @@ from pretrain.models.generative import UNet
 
 def create_denoiser(name: str, image_size: int, channels: int = 3, num_classes: int = 0, *,
                     base_channels: int = 64, channel_mults: Sequence[int] = (1, 2, 2), blocks: int = 2,
-                    dit_depth: int = 0, dit_hidden: int = 0, dit_heads: int = 0) -> nn.Module:
+                    dit_depth: int = 0, dit_hidden: int = 0, dit_heads: int = 0, learn_sigma: bool = False) -> nn.Module:
     """The denoiser `name` for [channels, image_size, image_size] inputs. The UNet reads base_channels,
-    channel_mults and blocks; a DiT reads dit_depth / dit_hidden / dit_heads when > 0 (else its named size's)."""
+    channel_mults and blocks; a DiT reads dit_depth / dit_hidden / dit_heads when > 0 (else its named size's).
+    learn_sigma: 2 * channels outputs, the prediction then the variance interpolation (improved DDPM, DiT)."""
     if name == "unet":
-        return UNet(image_size, channels, base_channels, tuple(channel_mults), blocks, num_classes=num_classes)
+        return UNet(image_size, channels, base_channels, tuple(channel_mults), blocks, num_classes=num_classes,
+                    out_channels=2 * channels if learn_sigma else channels)
     if name.startswith("DiT-"):
         from pretrain.models.dit import create_dit
 
         sizes = {k: v for k, v in (("depth", dit_depth), ("hidden", dit_hidden), ("heads", dit_heads)) if v}
-        return create_dit(name, image_size, channels, num_classes, **sizes)
+        return create_dit(name, image_size, channels, num_classes, learn_sigma, **sizes)
     raise ValueError(f"method.denoiser must be unet or a DiT name such as DiT-S/2, DiT-B/4 or DiT-L/8; got {name!r}")

@@ -97,7 +97,7 @@ class UNet(nn.Module):
     added to the time embedding (index num_classes: the null label of classifier-free guidance; y=None: all null)."""
 
     def __init__(self, image_size: int, channels: int = 3, base: int = 64, mults=(1, 2, 2), blocks: int = 2,
-                 num_classes: int = 0):
+                 num_classes: int = 0, out_channels: int = 0):
         super().__init__()
         f = 2 ** (len(mults) - 1)
         if image_size % f or image_size < f:
@@ -126,7 +126,7 @@ class UNet(nn.Module):
                 c = base * m
             if i > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, 1, 1))
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, out_channels or channels, 3, 1, 1))
 
     def forward(self, x, t, y=None):
         dtype = self.inp.weight.dtype   # inputs made in fp32 meet the weights' dtype (bf16/fp16 under DeepSpeed)
