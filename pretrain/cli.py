@@ -1,4 +1,5 @@
-"""`pretrain` command line: shards | train | slurm | export | finetune | eval | sample | reconstruct | attention.
+"""`pretrain` command line: shards | train | slurm | export | latents | finetune | eval | sample | reconstruct |
+attention.
 
 Errors a user can fix are printed as one line (`error: ...`) with exit code 2.
 """
@@ -43,6 +44,13 @@ def cmd_slurm(a):
     from launch.slurm import submit   # the launcher: asks SLURM for nodes and runs `train` there
 
     return submit(a)
+
+
+def cmd_latents(a):
+    from pretrain.latents import write_latents
+
+    index = write_latents(a.autoencoder, a.data, a.out_dir, a.batch_size, a.shard_size, a.workers)
+    print(f"wrote {index['samples']} latents in {len(index['shards'])} shards -> {a.out_dir}")
 
 
 def cmd_export(a):
@@ -346,6 +354,17 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--which", default="default", help="which backbone, for methods with several (MoCo, BYOL: query, the default, or key; DINO, iBOT: teacher, the default, or student); vae: `autoencoder` writes the whole VAE for latent diffusion (method.autoencoder)")
     e.set_defaults(fn=cmd_export)
+
+    la = sub.add_parser("latents", help="encode image shards once with a frozen VAE into latent shards (latent diffusion)",
+                        description="Latent shards for ddpm/flow with method.autoencoder: point data.train at them "
+                                    "instead of the image shards (docs/methods.md, latent diffusion).")
+    la.add_argument("autoencoder", help="a file written by `pretrain export VAE_RUN --which autoencoder`")
+    la.add_argument("--data", required=True, help="shard spec of the images to encode")
+    la.add_argument("--out-dir", required=True)
+    la.add_argument("--batch-size", type=int, default=256)
+    la.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    la.add_argument("--workers", type=int, default=0)
+    la.set_defaults(fn=cmd_latents)
 
     f = sub.add_parser("finetune", help="fine-tune an exported backbone on labelled shards (also under torchrun)",
                        description="Full fine-tuning with a linear head, layer-wise LR decay, mixup/cutmix and label "

@@ -380,3 +380,62 @@ def test_learned_sigma_ddpm_trains_and_samples(denoiser):
     x = m.eval().sample(2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
     assert torch.isfinite(m.bits_per_dim(x, generator=torch.Generator().manual_seed(0))).all()
+
+
+# --------------------------------------------------------------------------------------------- precomputed latents
+def test_precomputed_latents_are_the_vaes_posteriors_and_train_the_latent_flow(autoencoder, digits_shards, tmp_path):
+    """`pretrain latents` writes each val digit's posterior (mean, log variance) [2, L]; the training pipeline reads
+    them back as batch["latents"] (no augmentation), equal to the VAE's posterior of the centre-cropped image, with
+    its label; the latent flow trains on them (one posterior draw, scaled)."""
+    from test_data import loader
+
+    from pretrain.data import eval_loader
+    from pretrain.evaluation.generative import to_signed
+    from pretrain.latents import write_latents
+
+    vae, path = autoencoder
+    index = write_latents(path, f"{digits_shards}/val", tmp_path / "lat", batch_size=64, shard_size=50)
+    images = torch.cat([b["image"] for b in eval_loader(f"{digits_shards}/val", 256, 8)])
+    labels = torch.cat([b["label"] for b in eval_loader(f"{digits_shards}/val", 256, 8)])
+    assert index["samples"] == len(images) and len(index["shards"]) == -(-len(images) // 50)
+    with torch.no_grad():
+        want = torch.stack(vae.posterior(to_signed(images)), 1)                          # [N, 2, L]
+    batch = next(loader(str(tmp_path / "lat"), batch=32).batches())
+    assert batch["views"] == [] and batch["latents"].shape == (32, 2, 16)
+    for lat, y in zip(batch["latents"], batch["label"]):    # each one is some digit's posterior, with its label
+        d = (want - lat).abs().flatten(1).amax(1)
+        match = d < 1e-5
+        assert match.any() and y in labels[match], (d.min(), labels[match], y)
+    method = _latent(path)
+    torch.manual_seed(0)
+    loss = method.training_step(batch, method.step_context())["loss"]
+    assert torch.isfinite(loss) and method.latent_scale.item() > 0
+    with pytest.raises(ValueError, match="set method.autoencoder"):
+        _method("flow").training_step(batch, None)
+
+
+@pytest.mark.slow
+def test_latent_flow_trains_resumes_and_samples_from_latent_shards_via_the_cli(autoencoder, digits_shards, tmp_path):
+    """The config chooses: data.train at `pretrain latents` shards trains the same latent flow without encoding."""
+    from helpers import cli, tb_scalars, train_overrides
+
+    _, path = autoencoder
+    p = cli("latents", path, "--data", f"{digits_shards}/train", "--out-dir", tmp_path / "lat", check=True)
+    assert "latents in" in p.stdout
+    exp = tmp_path / "latent.yaml"
+    exp.write_text("method:\n  name: flow\n")
+    ov = [o for o in train_overrides(digits_shards, tmp_path / "run", train__max_steps=3, checkpoint__every_steps=2,
+                                     data__image_size=8, data__mean="[0.5,0.5,0.5]", data__std="[0.5,0.5,0.5]",
+                                     method__autoencoder=str(path), method__latent_side=2, method__base_channels=8,
+                                     method__channel_mults="[1]", method__blocks=1, method__sample_steps=2,
+                                     log__sample_every_steps=3, log__sample_n=4)
+          if not o.startswith(("method.proj", "data.train="))] + [f"data.train={tmp_path / 'lat'}"]
+    cli("train", exp, *ov, check=True)
+    assert (tmp_path / "run" / "samples" / "step_00000003.png").is_file()
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    import shutil
+    shutil.copy(tmp_path / "run" / "checkpoints" / "step_00000002.pt", resumed)
+    cli("train", exp, *[o for o in ov if not o.startswith("run_dir=")], f"run_dir={resumed.parent}", check=True)
+    want, got = tb_scalars(tmp_path / "run", "train/loss"), tb_scalars(resumed.parent, "train/loss")
+    assert sorted(got) == [3] and got[3] == pytest.approx(want[3], rel=1e-6)

@@ -31,7 +31,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from pretrain.data.views import MultiViewAugment
 
 log = logging.getLogger("pretrain.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-READ_EXTS = set(IMAGE_KEYS) | {"cls", "json"}
+READ_EXTS = set(IMAGE_KEYS) | {"cls", "json", "npy"}   # npy: a precomputed latent (`pretrain latents`)
 MAX_IMAGE_PIXELS = 89_478_485          # PIL's default Image.MAX_IMAGE_PIXELS (~ 0.25 GiB as 24-bit RGB)
 HEADER_PIXEL_LIMIT = 2 * MAX_IMAGE_PIXELS   # PIL refuses to read larger headers (DecompressionBombError)
 
@@ -226,6 +226,16 @@ def decode_or_keep(sample: Dict, max_pixels: int = MAX_IMAGE_PIXELS, keep_jpeg: 
     return decode_image(data, mode=ImageReadMode.RGB), size, label
 
 
+def decode_latent(sample: Dict) -> Tuple[torch.Tensor, int]:
+    """Raw sample of a latent shard (`pretrain latents`) -> (float32 [2, L]: a VAE posterior's mean and log variance,
+    int label or -1). numpy's own format, read without pickle; anything else raises."""
+    arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    if arr.ndim != 2 or arr.shape[0] != 2 or arr.dtype.kind != "f":
+        raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: a latent must be a float [2, L] "
+                        f"array (mean, log variance), got {arr.dtype} {list(arr.shape)}")
+    return torch.from_numpy(arr.astype(np.float32)), int(sample["cls"]) if "cls" in sample else -1
+
+
 def _seed(*parts) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
@@ -318,10 +328,20 @@ class ResampledBatches(IterableDataset):
         for b in range(first, self.batches_per_epoch, W):
             bseed = _seed(self.seed, self.epoch, self.rank, b, 1)
             g = torch.Generator().manual_seed(bseed)
-            views, labels, items = [[] for _ in range(self.num_views)], [], []
+            views, labels, items, latents = [[] for _ in range(self.num_views)], [], [], []
             while len(labels) < self.batch_size:
                 sample = next(stream)
                 pos += 1
+                if "npy" in sample:   # a precomputed latent: no image, no augmentation
+                    try:
+                        latent, label = decode_latent(sample)
+                    except Exception as e:
+                        counter(e)
+                        continue
+                    counter.streak = 0
+                    latents.append(latent)
+                    labels.append(label)
+                    continue
                 try:
                     if self.decode_on_device:   # JPEG bytes (else decoded pixels), with their header's size
                         img, size, label = decode_or_keep(sample, self.max_image_pixels)
@@ -339,7 +359,11 @@ class ResampledBatches(IterableDataset):
                     for v, crop in zip(views, self.augment.geometric(img, g)):   # view v: augmenter v
                         v.append(crop)
                 labels.append(label)
-            if self.decode_on_device:
+            if latents:
+                if len(latents) != len(labels):
+                    raise DataError("data.train mixes image shards and latent shards (`pretrain latents`); use one kind")
+                x = {"views": [], "latents": torch.stack(latents)}                # [B, 2, L]
+            elif self.decode_on_device:
                 x = self._device_inputs(items, views)
             else:
                 x = {"views": self.augment.stack(views)}                   # per size: [V_g, B, 3, S_g, S_g] uint8
@@ -433,6 +457,8 @@ class TrainLoader:
                     views = ds.augment.photometric(views, g)
                 batch["views"] = views
                 batch["label"] = batch["label"].to(self.device, non_blocking=True)
+                if "latents" in batch:
+                    batch["latents"] = batch["latents"].to(self.device, non_blocking=True)
                 if "masks" in batch:
                     batch["masks"] = batch["masks"].to(self.device, non_blocking=True)
                 yield batch

@@ -139,7 +139,7 @@ class DDPM(DenoisingMethod):
     def training_step(self, batch, ctx):
         # Schedule arithmetic and noising in fp32 whatever the engine dtype; the UNet casts its inputs
         # (x_t, the timestep embedding) to its weights' dtype.
-        x0 = self.to_space(batch["views"][0][0])                    # [B, C, S, S]: [-1, 1] pixels or scaled latents
+        x0 = self.model_inputs(batch)                    # [B, C, S, S]: [-1, 1] pixels or scaled latents
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)          # index t = step t+1
         eps = torch.randn_like(x0)
         abar = self._a("abar", t, x0)

@@ -130,14 +130,34 @@ class DenoisingMethod(GenerativeMethod):
         return y
 
     # ---- pixels <-> the denoiser's space ----------------------------------------------------------------
+    def model_inputs(self, batch) -> torch.Tensor:
+        """What the denoiser learns from this batch [B, C, S, S]: its images (`to_space`), or the latents a latent
+        shard carries (`pretrain latents`: the posterior's mean and log variance [B, 2, L], one posterior draw
+        here, as Stable Diffusion trains on). The data decides: image shards are encoded on the fly."""
+        if "latents" not in batch:
+            return self.to_space(batch["views"][0][0])
+        if self.autoencoder is None:
+            raise ValueError("data.train holds latents (`pretrain latents`): set method.autoencoder to the file they "
+                             "were encoded with")
+        mu, logvar = batch["latents"].float().unbind(1)                          # [B, L] each
+        if mu.shape[1] != self.autoencoder.latent_dim:
+            raise ValueError(f"the latent shards hold {mu.shape[1]} dims, method.autoencoder {self.autoencoder.latent_dim}")
+        return self._scaled(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+
     @torch.no_grad()
     def to_space(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] images in [-1, 1] -> what the denoiser models: the images themselves, or the frozen
         autoencoder's scaled latents [B, C, side, side] (posterior samples, as Stable Diffusion trains on)."""
         if self.autoencoder is None:
             return images.float()
-        z = self.autoencoder.encode(images.float()).view(images.shape[0], *self.space)
-        if self.latent_scale.item() == 0:   # first batch: estimate 1 / std over every rank's latents
+        return self._scaled(self.autoencoder.encode(images.float()))
+
+    @torch.no_grad()
+    def _scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents z [B, L] -> [B, C, side, side] times latent_scale (estimated from this batch when still 0:
+        1 / std over every rank's latents)."""
+        z = z.view(z.shape[0], *self.space)
+        if self.latent_scale.item() == 0:
             s = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)]).double()
             if comm.initialized():
                 dist.all_reduce(s)

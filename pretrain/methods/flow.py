@@ -59,7 +59,7 @@ class Flow(DenoisingMethod):
         return self.guided(net, x, t * TIME_SCALE, y, cfg)
 
     def training_step(self, batch, ctx):
-        x0 = self.to_space(batch["views"][0][0])                     # [B, C, S, S]: [-1, 1] pixels or scaled latents
+        x0 = self.model_inputs(batch)                     # [B, C, S, S]: [-1, 1] pixels or scaled latents
         t = self.draw_t(x0.shape[0], x0.device)                       # [B]
         x_t, target = self.interpolant(x0, torch.randn_like(x0), t)
         v = self.net(x_t, t * TIME_SCALE, self.train_labels(batch)).float()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,13 @@ class VAE(GenerativeMethod):
         # per sub-pixel: mean and log scale
         self.decoder = ConvDecoder(latent_dim, image_size, out_channels=6, width=decoder_width)
 
+    def posterior(self, x):
+        """q(z | x) of images x [B, 3, S, S]: (mean, log variance), [B, L] each, fp32."""
+        mu, logvar = self.to_latent(self.backbone(x)).float().chunk(2, dim=1)
+        return mu, logvar
+
     def _terms(self, x, eps):
-        mu, logvar = self.to_latent(self.backbone(x)).float().chunk(2, dim=1)        # [B, L] each
+        mu, logvar = self.posterior(x)                                                  # [B, L] each
         z = mu + torch.exp(0.5 * logvar) * eps
         mean, log_scale = self.decoder(z.to(x.dtype)).float().chunk(2, dim=1)          # [B, 3, S, S] each
         nll = -discretized_log_prob(x, torch.tanh(mean), log_scale, self.likelihood).flatten(1).sum(1)   # [B] nats
@@ -62,7 +68,7 @@ class VAE(GenerativeMethod):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, S, S] in [-1, 1] -> a posterior sample z = mu + sigma * eps [B, latent_dim]."""
-        mu, logvar = self.to_latent(self.backbone(x)).float().chunk(2, dim=1)
+        mu, logvar = self.posterior(x)
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     @torch.no_grad()
@@ -72,7 +78,7 @@ class VAE(GenerativeMethod):
         return torch.tanh(mean)
 
 
-def load_autoencoder(path, image_size: int) -> VAE:
+def load_autoencoder(path, image_size: Optional[int] = None) -> VAE:
     """The VAE in `path`, a file written by `pretrain export VAE_RUN --which autoencoder` (safetensors: every
     weight of the VAE, and its run config in the metadata; nothing is unpickled)."""
     from safetensors import SafetensorError, safe_open
@@ -91,7 +97,7 @@ def load_autoencoder(path, image_size: int) -> VAE:
         raise ValueError(f"method.autoencoder={path} is not a VAE autoencoder export; write one with "
                          f"`pretrain export VAE_RUN --which autoencoder --out FILE`")
     cfg = from_dict(meta["config"])
-    if cfg.data.image_size != image_size:
+    if image_size is not None and cfg.data.image_size != image_size:
         raise ValueError(f"the autoencoder {path} was trained at {cfg.data.image_size} px; set data.image_size="
                          f"{cfg.data.image_size}")
     vae = create_method(cfg, warm_start=False)
