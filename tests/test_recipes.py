@@ -131,6 +131,7 @@ PAPER = {"simclr": [SIMCLR, SIMCLR], "moco_v2": [MOCO_V2, MOCO_V2], "moco_v3": M
          "swav": SWAV, "dino": DINO, "ibot": IBOT,
          "cpc": [MOCO_V2],     # CPC keeps its image-level augmentation (CPC v2 augments patches; docs/methods.md)
          "vae": [NONE], "gan": [NONE], "pixelcnn": [NONE], "ddpm": [{**NONE, "flip_p": 0.5}],
+         "flow": [{**NONE, "flip_p": 0.5}],   # DiT (and SiT) train with horizontal flips, as DDPM
          # MAE fine-tuning, facebookresearch/mae util/datasets.py build_transform -> timm create_transform: crop
          # 0.08-1 of the area, aspect 3/4-4/3, flip; colour jitter off (RandAugment on; it and random erasing have no view stage)
          "finetune": [{**NONE, "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip_p": 0.5}]}
