@@ -34,7 +34,7 @@ def test_config_trains_resumes_and_exports(lifecycle, name):
     assert "error" not in r, r.get("error")
     assert r["rc"] == [0, 0]
     assert "resumed from step 2" in r["log"]
-    if r["method"] in ("pixelcnn", "ddpm", "gan"):   # pixel-space models, a DCGAN discriminator: no timm backbone,
+    if r["method"] in ("pixelcnn", "ddpm", "flow", "gan"):   # pixel-space models, a DCGAN discriminator: no timm backbone,
         # and a clear error says so
         assert r["export_rc"] == 2
         return

@@ -18,6 +18,7 @@ from pretrain.config import load_config
 
 shards, out = Path(sys.argv[1]), Path(sys.argv[2])
 report = {}
+autoencoder = None   # the digits_vae run's VAE, exported for the latent-diffusion configs (they sort after it)
 for config in sys.argv[3:]:
     name = Path(config).stem
     run = out / name
@@ -31,12 +32,17 @@ for config in sys.argv[3:]:
         ov += SMALL_VIT
     elif not generative:
         ov.append("model.name=resnet10t")
+    if shipped.method.get("autoencoder"):
+        ov.append(f"method.autoencoder={autoencoder}")
     r = {"method": method}
     try:
         r["rc"] = [main(["train", config, *ov, "train.max_steps=2"]), main(["train", config, *ov, "train.max_steps=3"])]
         r["log"] = (run / "log.txt").read_text()
         r["export_rc"] = main(["export", str(run), "--out", str(run / "backbone.safetensors")])
         r["exported"] = str(run / "backbone.safetensors")
+        if method == "vae":   # before its checkpoints are deleted
+            autoencoder = run / "autoencoder.safetensors"
+            main(["export", str(run), "--which", "autoencoder", "--out", str(autoencoder)])
         shutil.rmtree(run / "checkpoints")   # 3 checkpoints x 17 configs: ~3 GB of disk otherwise
     except BaseException:   # noqa: BLE001  (recorded for the test to show)
         r["error"] = traceback.format_exc()
