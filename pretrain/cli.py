@@ -213,6 +213,7 @@ def cmd_eval_gen(a):
     finally:
         cleanup()
 
+
 def _features(a, spec, key):
     import torch
 

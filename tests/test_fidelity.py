@@ -94,7 +94,9 @@ def test_fidelity_weights_give_the_packages_features_fid_and_is(fidelity_pth):
     assert rp.shape == (8, 2048) and fl.shape == (8, 1008) and rp.std() > 1e-3
     assert torch.equal(fp, want_pool) and torch.equal(fl, want_logits)
     fid, isc = _package_fid_is(rp, fp, fl)
-    assert frechet_distance(rp, fp) == pytest.approx(fid, rel=1e-6)
+    # rel 1e-5: ours takes the eigenvalues of the symmetric S_a^1/2 S_b S_a^1/2, the package those of S_a S_b; with
+    # few samples in 2048 dims both are rank-deficient and the two forms round their ~0 eigenvalues apart
+    assert frechet_distance(rp, fp) == pytest.approx(fid, rel=1e-5)
     assert fi.inception_score(fl, splits=2)[0] == pytest.approx(isc, rel=1e-12) and isc > 1.01
 
 
@@ -124,7 +126,9 @@ def test_torchvision_inception_from_safetensors(tmp_path):
         logits = tv(_tv_input(fake))                             # eval mode: a plain tensor [8, 1000]
     assert fl.shape == (8, 1000) and torch.allclose(fl + tv.fc.bias, logits, rtol=1e-4, atol=1e-4)
     fid, isc = _package_fid_is(rp, fp, fl)
-    assert frechet_distance(rp, fp) == pytest.approx(fid, rel=1e-6)
+    # rel 1e-5: ours takes the eigenvalues of the symmetric S_a^1/2 S_b S_a^1/2, the package those of S_a S_b; with
+    # few samples in 2048 dims both are rank-deficient and the two forms round their ~0 eigenvalues apart
+    assert frechet_distance(rp, fp) == pytest.approx(fid, rel=1e-5)
     assert fi.inception_score(fl, splits=2)[0] == pytest.approx(isc, rel=1e-12) and isc > 1.01
 
 

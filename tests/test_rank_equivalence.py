@@ -34,6 +34,7 @@ PER_RANK = {
     "gan": "random latents per rank; two optimizer phases",
     "pixelcnn": "per-sample likelihood, no cross-sample term: exact, but nothing to prove",
     "ddpm": "random timesteps and noise per rank",
+    "flow": "random times and noise per rank",
     "nnclr": "the nearest neighbour is an argmax: rounding can pick another one (fixed support set: tests/test_nnclr.py)",
     "finetune": "mixup/cutmix pair samples within each rank's batch (as MAE's per-GPU Mixup), and a ResNet's BN is per rank",
 }
