@@ -170,7 +170,8 @@ class DenoisingMethod(GenerativeMethod):
         """Inverse of to_space: samples in the denoiser's space -> images [B, 3, S, S] in [-1, 1]."""
         if self.autoencoder is None:
             return x.clamp(-1, 1)
-        return self.autoencoder.decode((x / self.latent_scale).flatten(1)).clamp(-1, 1)
+        scale = self.latent_scale if self.latent_scale.item() else 1.0   # 0: not estimated yet (an untrained model)
+        return self.autoencoder.decode((x / scale).flatten(1)).clamp(-1, 1)
 
 
 def _rename_unet(state_dict, prefix, *args):
