@@ -159,7 +159,7 @@ def cmd_eval_gen(a):
         if min(n, len(val)) < W:
             raise ValueError(f"{min(n, len(val))} images for {W} ranks; raise --n / --max-samples or use fewer ranks")
         out = {"eval": "gen", "run": str(a.run), "method": cfg.method.name, "step": step, "val": len(val), "samples": n,
-               "seed": a.seed, "ranks": W}
+               "seed": a.seed, "ranks": W, **guide}
         if "bpd" in metrics and env.is_main:
             g = torch.Generator().manual_seed(a.seed)
             bpd = [method.bits_per_dim(to_signed(x).to(device), generator=g) for x in val.split(a.batch_size)]

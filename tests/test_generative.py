@@ -199,18 +199,29 @@ def test_sample_cli_errors(tmp_path, ddpm_run, ref_run, capsys):
 
 
 @pytest.mark.slow
-def test_class_conditional_dit_flow_samples_with_guidance_from_the_cli(tmp_path, digits_shards, experiment, capsys):
+def test_class_conditional_dit_flow_samples_with_guidance_from_the_cli(tmp_path, digits_shards, experiment, capsys,
+                                                                     ref_run):
     """A class-conditional DiT flow trained by `pretrain train` samples a class with guidance through `pretrain
-    sample --cfg --class`; a class out of range is a one-line error."""
+    sample --cfg --class` and is evaluated with guidance by `eval gen --cfg`; a class out of range is a one-line
+    error."""
     from PIL import Image
 
     run = tmp_path / "flow"
-    cli("train", experiment, *_ov(digits_shards, run, "flow", train__max_steps=2), check=True)
+    # EMA decay 0: the sampled weights are the trained ones (the DiT starts at zero output: adaLN-Zero)
+    cli("train", experiment, *_ov(digits_shards, run, "flow", train__max_steps=2, optim__name="adamw", optim__lr=0.001),
+        "method.ema_decay=0.0", check=True)
     out = tmp_path / "g.png"
     p = cli("sample", run, "--n", "4", "--out", out, "--cfg", "3.0", "--class", "2", check=True)
     assert "4 samples of flow" in p.stdout and Image.open(out).size == (2 * 8 + 3, 2 * 8 + 3)
     assert "--class must be in [0, 9]" in inproc_error_line(capsys, "sample", run, "--out", tmp_path / "y.png",
                                                            "--class", "10")
+    feats = tmp_path / "simclr.safetensors"
+    cli("export", ref_run[0], "--out", feats, check=True)
+    r = [json.loads(cli("eval", "gen", "--run", run, "--features", feats, "--train", f"{digits_shards}/train", "--val",
+                        f"{digits_shards}/val", "--n", "16", "--max-samples", "32", *g, check=True).stdout.splitlines()[-1])
+         for g in ([], ["--cfg", "3.0"])]
+    assert r[0]["method"] == "flow" and "bits_per_dim" not in r[0] and r[0]["backbones"][str(feats)]["fd"] > 0
+    assert "cfg" not in r[0] and r[1]["cfg"] == 3.0   # (after 2 steps guidance moves pixels by ~1e-5: no visible change)
 
 
 @pytest.mark.slow
