@@ -111,7 +111,8 @@ def test_torchvision_inception_from_safetensors(tmp_path):
     import torchvision
     from safetensors.torch import save_file
 
-    tv = _kaiming(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False), 1).eval()
+    tv = _kaiming(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False,
+                                                  transform_input=True), 1).eval()   # as torchvision's weights
     pool = {}
     hook = tv.avgpool.register_forward_hook(lambda m, i, o: pool.update(x=o.flatten(1)))
     _spread_logits(tv, lambda u8: tv(_tv_input(u8)) is not None and pool["x"])

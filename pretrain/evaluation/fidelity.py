@@ -97,7 +97,9 @@ def load_inception(path, device="cpu") -> Inception:
     if fc is not None and tuple(fc.shape) == (1000, 2048) or "AuxLogits.fc.weight" in sd:
         import torchvision
 
-        net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+        # transform_input=True, as torchvision builds it for these weights (ported from TF, they take [-1, 1]
+        # inputs): it maps the ImageNet-normalised input below back to that range
+        net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
         net.load_state_dict(check_state_dict(sd, net.state_dict(), path, "torchvision's inception_v3"))
         return Inception(net, standard=False).to(device)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

@@ -150,7 +150,8 @@ class DenoisingMethod(GenerativeMethod):
         autoencoder's scaled latents [B, C, side, side] (posterior samples, as Stable Diffusion trains on)."""
         if self.autoencoder is None:
             return images.float()
-        return self._scaled(self.autoencoder.encode(images.float()))
+        # the weights' dtype: DeepSpeed's bf16/fp16 casts the frozen autoencoder too, FSDP2 computes in bf16
+        return self._scaled(self.autoencoder.encode(images.to(self.autoencoder.to_latent.weight.dtype)))
 
     @torch.no_grad()
     def _scaled(self, z: torch.Tensor) -> torch.Tensor:
