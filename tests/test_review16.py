@@ -55,3 +55,18 @@ def test_torchvision_inception_gets_the_input_its_weights_expect(tmp_path):
         ref(x * 2 - 1)
     assert torch.allclose(pool.double(), feats["x"], rtol=1e-4, atol=1e-4)
     assert feats["x"].std() > 1e-3
+
+
+def test_labels_outside_the_classes_are_a_one_line_error():
+    """method.num_classes > 0 with shards whose labels are missing (-1) or >= num_classes: a one-line error naming
+    the cause, not an embedding IndexError (a device-side assert on GPU); index num_classes is the null label."""
+    import pytest
+
+    from test_flow import _method
+
+    method = _method("flow", "method.num_classes=3", "method.label_dropout=0.0")
+    batch = lambda y: {"views": [torch.zeros(1, len(y), 3, 8, 8)], "label": torch.tensor(y)}   # noqa: E731
+    assert method.train_labels(batch([0, 2])).tolist() == [0, 2]
+    for bad in ([0, -1], [3, 1]):
+        with pytest.raises(ValueError, match="num_classes"):
+            method.train_labels(batch(bad))

@@ -100,6 +100,9 @@ class DenoisingMethod(GenerativeMethod):
         if not self.num_classes:
             return None
         y = batch["label"].long()
+        if ((y < 0) | (y >= self.num_classes)).any():
+            raise ValueError(f"labels {sorted(set(y.tolist()))} outside [0, {self.num_classes - 1}]: data.train needs "
+                             f".cls labels (-1: none) below method.num_classes={self.num_classes}")
         drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
