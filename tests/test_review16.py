@@ -70,3 +70,17 @@ def test_labels_outside_the_classes_are_a_one_line_error():
     for bad in ([0, -1], [3, 1]):
         with pytest.raises(ValueError, match="num_classes"):
             method.train_labels(batch(bad))
+
+
+def test_ddpm_checkpoints_from_before_latent_diffusion_load():
+    """A DDPM checkpoint written before issue 16 has unet/unet_ema keys and no latent_scale buffer (pixel space):
+    it loads, with the same weights, and the model stays in pixel space (scale unused, 0)."""
+    from test_flow import _method
+
+    old = _method("ddpm")
+    sd = {("unet_ema." + k[8:]) if k.startswith("net_ema.") else ("unet." + k[4:]) if k.startswith("net.") else k: v
+          for k, v in old.state_dict().items() if k != "latent_scale"}
+    new = _method("ddpm", "method.base_channels=8")
+    new.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(new.net.state_dict().values(), old.net.state_dict().values()))
+    assert new.latent_scale.item() == 0 and new.autoencoder is None

@@ -182,3 +182,5 @@ def _rename_unet(state_dict, prefix, *args):
     """Checkpoints from before the DiT option name DDPM's denoiser `unet` / `unet_ema`: read them as net / net_ema."""
     for k in [k for k in state_dict if k.startswith((prefix + "unet.", prefix + "unet_ema."))]:
         state_dict[prefix + "net" + k[len(prefix) + 4:]] = state_dict.pop(k)
+    # nor a latent_scale (pixel space only then, where it is unused): 0, the pixel-space value
+    state_dict.setdefault(prefix + "latent_scale", torch.tensor(0.0))
