@@ -6,8 +6,8 @@ feature space, plus flow vs DDPM over sampling steps and classifier-free guidanc
 1. data: `pretrain shards digits OUT/data` as the quickstart writes them (80/20 split, 1438 / 359 images);
 2. the fixed backbone: a short SimCLR (configs/quickstart_digits.yaml, --simclr-steps) exported with
    `pretrain export` (`--backbone simclr`), or (the default, cheaper) a random-init resnet18 (seed 0, CIFAR stem);
-3. the models, each `pretrain train configs/digits_<name>.yaml` with the same train.max_steps and batch 128
-   (AdamW from each config; the latent flow on the VAE exported with `pretrain export --which autoencoder`);
+3. the models, each `pretrain train configs/digits_<name>.yaml` with the same train.max_steps and batch (--batch)
+   (AdamW from each config, method.ema_decay=--ema; the latent flow on the VAE exported with `pretrain export --which autoencoder`);
 4. per model: --n samples (sample i from (seed, i); classes i % 10 for the conditional DiTs at their
    configured guidance), feature-FD and precision/recall (k=3) against the val split, bits/dim on val where the
    method defines it, sampling seconds per image (batch 100), a 10x10 grid;
