@@ -121,9 +121,27 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_shipped_config_builds_its_method(path):
+def test_every_shipped_config_builds_its_method(path, tmp_path):
     from pretrain.methods import METHODS, create_method
 
     # `pretrain finetune` gives finetune_*.yaml their shards (and the model, from the export: here the default's)
-    cfg = load_config(str(path), ["data.train=unused"] if path.stem.startswith("finetune_") else [])
+    over = ["data.train=unused"] if path.stem.startswith("finetune_") else []
+    if load_config(str(path), over).method.get("autoencoder"):   # latent diffusion: the VAE its comment names,
+        over.append(f"method.autoencoder={_vae_export(tmp_path)}")  # freshly initialised and exported
+    cfg = load_config(str(path), over)
     assert type(create_method(cfg)) is METHODS.get(cfg.method.name)
+
+
+def _vae_export(tmp_path):
+    """configs/digits_vae.yaml's VAE with random weights, written by `pretrain export --which autoencoder`."""
+    import torch
+
+    from pretrain.config import to_dict
+    from pretrain.export import export
+    from pretrain.methods import create_method
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "digits_vae.yaml"), [])
+    (tmp_path / "vae" / "checkpoints").mkdir(parents=True)
+    torch.save({"model": create_method(cfg).state_dict(), "config": to_dict(cfg)},
+               tmp_path / "vae" / "checkpoints" / "step_00000001.pt")
+    return export(tmp_path / "vae", tmp_path / "ae.safetensors", "autoencoder")
