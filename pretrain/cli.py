@@ -100,6 +100,15 @@ def _generative(path):
     return method.eval(), cfg, step
 
 
+def _guidance(a, method, cfg) -> dict:
+    """The sampling keywords --cfg / --class ask for (only those given), or a one-line error for a method without
+    classifier-free guidance."""
+    guide = {k: v for k, v in (("cfg", a.cfg), ("classes", a.cls)) if v is not None}
+    if guide and not hasattr(method, "guided"):
+        raise ValueError(f"--cfg/--class need a class-conditional ddpm or flow run; this is {cfg.method.name}")
+    return guide
+
+
 def cmd_sample(a):
     from pretrain.evaluation.generative import save_grid
     from pretrain.methods.generative import sample_generators
@@ -107,9 +116,7 @@ def cmd_sample(a):
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
     method, cfg, step = _generative(a.run_dir)
-    guide = {k: v for k, v in (("cfg", a.cfg), ("classes", a.cls)) if v is not None}
-    if guide and not hasattr(method, "guided"):
-        raise ValueError(f"--cfg/--class need a class-conditional ddpm or flow run; this is {cfg.method.name}")
+    guide = _guidance(a, method, cfg)
     images = method.sample(a.n, generator=sample_generators(a.seed, range(a.n)), steps=a.steps, sampler=a.sampler,
                            **guide)
     save_grid(images, a.out)
@@ -145,9 +152,7 @@ def cmd_eval_gen(a):
         inception = fi.load_inception(a.inception, device) if a.inception else None
         method, cfg, step = _generative(a.run)
         method.to(device)
-        guide = {k: v for k, v in (("cfg", a.cfg), ("classes", a.cls)) if v is not None}
-        if guide and not hasattr(method, "guided"):
-            raise ValueError(f"--cfg/--class need a class-conditional ddpm or flow run; this is {cfg.method.name}")
+        guide = _guidance(a, method, cfg)
         size, r, W = cfg.data.image_size, env.rank, env.world_size
 
         def images(spec, key):
